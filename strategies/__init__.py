@@ -1,1 +1,59 @@
-"""Package."""
+"""Aggregation strategies: registry name -> Flower strategy, configured from ``[strategy]``.
+
+``STRATEGIES.get(name)`` returns the parameter class registered under ``name``;
+``StrategySpec`` is the discriminated union (on ``name``) a scenario's ``[strategy]``
+table validates into; ``params.build(client_lr=...)`` returns the Flower strategy and
+``params.check(cohort_size=...)`` lists impossible settings for a cohort size.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from .adaptive import FedAdagradParams, FedAdamParams, FedYogiParams
+from .averaging import FedAvgMParams, FedAvgParams, FedProxParams, QFedAvgParams
+from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, StrategyParams
+from .robust import (
+    BulyanParams,
+    FedMedianParams,
+    FedTrimmedAvgParams,
+    KrumParams,
+    MultiKrumParams,
+)
+
+StrategySpec = Annotated[
+    FedAvgParams
+    | FedAvgMParams
+    | FedProxParams
+    | FedAdamParams
+    | FedYogiParams
+    | FedAdagradParams
+    | FedMedianParams
+    | FedTrimmedAvgParams
+    | KrumParams
+    | MultiKrumParams
+    | BulyanParams
+    | QFedAvgParams,
+    Field(discriminator="name"),
+]
+
+__all__ = [
+    "SAMPLE_ALL_SHOWN_NODES",
+    "STRATEGIES",
+    "BulyanParams",
+    "FedAdagradParams",
+    "FedAdamParams",
+    "FedAvgMParams",
+    "FedAvgParams",
+    "FedMedianParams",
+    "FedProxParams",
+    "FedTrimmedAvgParams",
+    "FedYogiParams",
+    "KrumParams",
+    "MultiKrumParams",
+    "QFedAvgParams",
+    "StrategyParams",
+    "StrategySpec",
+]
