@@ -61,9 +61,15 @@ def _as_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if len(x) != len(y):
         raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(device)
+    # as_tensor shares memory where it can and copies read-only arrays (the shared,
+    # frozen dataset arrays) instead of warning about them.
+    xt = _tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    yt = _tensor(np.ascontiguousarray(y, dtype=np.int64)).to(device)
     return xt, yt
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
 
 def train_local(

@@ -1,0 +1,127 @@
+"""The Flower ``ClientApp`` of a scenario: local torch training and held-out evaluation.
+
+The app closes over the resolved scenario as a JSON string only; datasets, shards and
+the model are built once per worker process (``_env``) and reused for every virtual
+client that worker hosts, so nothing is pickled per client. The same app runs under
+fedsim's Ray grid, Flower's simulation runtime, and on real SuperNodes
+(``node_config`` must then carry ``partition-id``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.training import evaluate_model, pick_device, train_local
+from fedsim.data import Federation, load_federation
+from fedsim.models import build_model
+from fedsim.rng import torch_generator
+
+PARTITION_ID = "partition-id"
+
+
+@dataclass
+class _Env:
+    scenario: Any  # fedsim.scenario.Scenario (imported lazily: it imports this package)
+    federation: Federation
+    model: torch.nn.Module
+    device: torch.device
+
+
+@functools.lru_cache(maxsize=2)
+def _env(spec_json: str) -> _Env:
+    from fedsim.scenario import Scenario
+
+    scn = Scenario.model_validate(json.loads(spec_json))
+    torch.set_num_threads(scn.simulation.torch_threads)
+    fed = load_federation(scn.data, seed=scn.run.seed)
+    device = pick_device(scn.simulation.client_resources.gpus)
+    model = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
+    return _Env(scn, fed, model.to(device), device)
+
+
+def _client_id(context: Context) -> int:
+    try:
+        return int(context.node_config[PARTITION_ID])
+    except KeyError:
+        raise RuntimeError(
+            f"node_config has no '{PARTITION_ID}': start the SuperNode with "
+            f"--node-config 'partition-id=N num-partitions=M'"
+        ) from None
+
+
+def _load_arrays(env: _Env, msg: Message) -> None:
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    env.model.load_state_dict(state)
+
+
+def build_client_app(spec_json: str) -> ClientApp:
+    """A ClientApp for the scenario given as ``Scenario.model_dump_json()``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        env = _env(spec_json)
+        scn, fed = env.scenario, env.federation
+        cid = _client_id(context)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        server_round = int(config.get("server-round", 0))
+        mu = float(config.get("proximal-mu", scn.client.mu))
+        _load_arrays(env, msg)
+        idx = fed.train_idx[cid]
+        c = scn.client
+        res = train_local(
+            env.model,
+            fed.x[idx],
+            fed.y[idx],
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            mu=mu,
+            generator=torch_generator(scn.run.seed, "batch", server_round, cid),
+            device=env.device,
+        )
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(env.model.state_dict()),
+                "metrics": MetricRecord(
+                    {"num-examples": res.num_examples, "train_loss": res.train_loss}
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        env = _env(spec_json)
+        fed = env.federation
+        cid = _client_id(context)
+        _load_arrays(env, msg)
+        idx = fed.test_idx[cid]
+        res = evaluate_model(
+            env.model,
+            fed.x[idx],
+            fed.y[idx],
+            batch_size=env.scenario.client.eval_batch_size,
+            device=env.device,
+        )
+        metrics = MetricRecord(
+            {"num-examples": res.num_examples, "eval_loss": res.loss, "eval_accuracy": res.accuracy}
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        # Lets a coordinator map Flower node ids to fedsim client (partition) ids.
+        info = MetricRecord({PARTITION_ID: _client_id(context)})
+        return Message(RecordDict({"info": info}), reply_to=msg)
+
+    return app

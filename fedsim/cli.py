@@ -1,0 +1,135 @@
+"""``fedsim run | validate | schema``: parse arguments, call the library, map errors to exits.
+
+Exit codes: 0 success; 1 the run failed; 2 a bad scenario or bad arguments (one line per
+problem, naming the file and key path); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from fedsim import __version__
+from fedsim.errors import ScenarioError
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _print_problems(source: str, exc: ScenarioError) -> None:
+    for line in exc.lines():
+        print(f"{source}: {line}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsim", description="Federated learning simulator.")
+    p.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a scenario (default: scenarios/quickstart.toml)")
+    run.add_argument("scenario", nargs="?", help="scenario TOML file")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set run.rounds=3 (repeatable)",
+    )
+    run.add_argument("--out", type=Path, help="run directory (default runs/<name>-<UTC time>)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
+
+    val = sub.add_parser("validate", help="check scenario files without running them")
+    val.add_argument("files", nargs="+", help="scenario TOML files")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sch = sub.add_parser("schema", help="print the scenario JSON Schema")
+    sch.add_argument("--out", type=Path, help="write to a file instead of stdout")
+    return p
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from fedsim.runner import prepare, resolve_paths
+    from fedsim.scenario import load_scenario
+
+    bad = 0
+    for f in args.files:
+        try:
+            prepare(resolve_paths(load_scenario(f, args.overrides)))
+        except ScenarioError as exc:
+            _print_problems(f, exc)
+            bad += 1
+        else:
+            print(f"{f}: ok")
+    return EXIT_BAD_INPUT if bad else 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from fedsim.scenario import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.progress import Progress
+    from fedsim.runner import execute
+    from fedsim.scenario import default_scenario_path, load_scenario
+
+    source = args.scenario or str(default_scenario_path())
+    try:
+        scn = load_scenario(source, args.overrides)
+    except ScenarioError as exc:
+        _print_problems(source, exc)
+        return EXIT_BAD_INPUT
+    progress = Progress(scn.run.rounds, quiet=args.quiet)
+    progress.message(
+        f"fedsim: {scn.run.name}: {scn.num_clients} clients, {scn.train_cohort} per round, "
+        f"{scn.run.rounds} rounds, strategy {scn.strategy.name}, engine {scn.simulation.engine}"
+    )
+    try:
+        outcome = execute(scn, out=args.out, progress=progress)
+    except ScenarioError as exc:
+        _print_problems(source, exc)
+        return EXIT_BAD_INPUT
+    s = outcome.summary
+    acc, loss = s["eval_accuracy"], s["eval_loss"]
+    kind = "centralized"
+    if acc is None:
+        acc, loss, kind = s["client_eval_accuracy"], s["client_eval_loss"], "client-side"
+    shown = "n/a" if acc is None else f"{acc:.4f}"
+    shown_loss = "n/a" if loss is None else f"{loss:.4f}"
+    print(
+        f"final accuracy {shown} ({kind}, loss {shown_loss}) after {s['rounds_completed']} "
+        f"rounds in {s['wall_s']:.1f} s; results in {outcome.out_dir}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = os.environ.get("FEDSIM_DEBUG") == "1"
+    try:
+        return {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}[args.command](
+            args
+        )
+    except KeyboardInterrupt:
+        print("fedsim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a failed run: one line, the traceback only on request
+        if debug:
+            raise
+        notes = " ".join(getattr(exc, "__notes__", []))
+        print(f"fedsim: error: {type(exc).__name__}: {exc} {notes}".rstrip(), file=sys.stderr)
+        print("fedsim: set FEDSIM_DEBUG=1 for the traceback", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The coordinator: fedsim's round loop wrapped around any Flower strategy.
+
+It owns the policies a strategy should not have to know about: which clients take part
+(sampled with fedsim's own seeded generator, not the global ``random`` that Flower's
+``sample_nodes`` reads), the order replies are aggregated in (by client id, so worker
+timing never changes a result), failed replies, and the per-round record.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.rng import int_seed, np_rng
+
+log = logging.getLogger("fedsim")
+
+RoundHook = Callable[[dict[str, Any]], None]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class AllClientsFailed(RuntimeError):
+    """Every client of a phase failed: almost always a bug or a bad setting, not churn."""
+
+
+@contextmanager
+def pinned_global_random(seed: int) -> Iterator[None]:
+    """Pin the global ``random`` a third-party function reads, then restore it."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+class SubsetGrid(Grid):
+    """A view of a grid that shows a strategy only the nodes the coordinator sampled."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class ClientDirectory:
+    """Maps fedsim client ids (data partitions) to the grid's node ids and back."""
+
+    def __init__(self, node_of: dict[int, int]) -> None:
+        self._node_of = node_of
+        self._client_of = {n: c for c, n in node_of.items()}
+
+    def node_of(self, cid: int) -> int:
+        return self._node_of[cid]
+
+    def client_of(self, node_id: int) -> int:
+        return self._client_of[node_id]
+
+    @classmethod
+    def discover(cls, grid: Grid, num_clients: int, *, timeout_s: float = 120.0) -> ClientDirectory:
+        """Ask every node for its ``partition-id`` (Flower runtime or real SuperNodes).
+
+        fedsim's own grid knows the mapping and is asked directly instead.
+        """
+        if hasattr(grid, "client_directory"):
+            return grid.client_directory()
+        deadline = time.monotonic() + timeout_s
+        while len(nodes := list(grid.get_node_ids())) < num_clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} of {num_clients} client nodes connected "
+                    f"within {timeout_s:.0f} s"
+                )
+            time.sleep(0.05)
+        msgs = [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in sorted(nodes)
+        ]
+        node_of: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout_s):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            cid = int(reply.content.metric_records["info"]["partition-id"])
+            if cid in node_of:
+                raise RuntimeError(f"two nodes claim partition-id {cid}")
+            node_of[cid] = reply.metadata.src_node_id
+        missing = sorted(set(range(num_clients)) - set(node_of))
+        if missing:
+            raise RuntimeError(f"no node answered for client ids {missing[:10]}")
+        return cls(node_of)
+
+
+@dataclass
+class CoordinatorResult:
+    arrays: ArrayRecord
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    initial_eval: dict[str, float] | None = None
+
+
+def _get(metrics: MetricRecord | None, key: str) -> float | None:
+    if metrics is None or key not in metrics:
+        return None
+    return float(metrics[key])  # type: ignore[arg-type]
+
+
+class Coordinator:
+    """Runs ``rounds`` rounds of ``strategy`` over a grid, with seeded sampling."""
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        initial_arrays: ArrayRecord,
+        num_clients: int,
+        rounds: int,
+        train_cohort: int,
+        eval_cohort: int,
+        seed: int,
+        evaluate_fn: EvaluateFn | None = None,
+        on_round: RoundHook | None = None,
+        reply_timeout_s: float | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.initial_arrays = initial_arrays
+        self.num_clients = num_clients
+        self.rounds = rounds
+        self.train_cohort = train_cohort
+        self.eval_cohort = eval_cohort
+        self.seed = seed
+        self.evaluate_fn = evaluate_fn
+        self.on_round = on_round
+        self.reply_timeout_s = reply_timeout_s
+
+    def sample(self, server_round: int, phase: str, k: int) -> list[int]:
+        """k distinct client ids, sorted, drawn from the run seed for this round/phase."""
+        if k >= self.num_clients:
+            return list(range(self.num_clients))
+        rng = np_rng(self.seed, f"sample-{phase}", server_round)
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
+
+    def _exchange(
+        self,
+        grid: Grid,
+        directory: ClientDirectory,
+        messages: Iterable[Message],
+        phase: str,
+        server_round: int,
+    ) -> tuple[list[Message], int, int]:
+        msgs = list(messages)
+        replies = list(grid.send_and_receive(msgs, timeout=self.reply_timeout_s))
+        replies.sort(key=lambda m: directory.client_of(m.metadata.src_node_id))
+        errors = [r for r in replies if r.has_error()]
+        ok = len(replies) - len(errors)
+        failed = len(msgs) - ok
+        if msgs and ok == 0:
+            reason = errors[0].error.reason if errors else "no replies before the timeout"
+            raise AllClientsFailed(
+                f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
+            )
+        if errors:
+            log.warning(
+                "round %d %s: %d client(s) failed, e.g. %s",
+                server_round,
+                phase,
+                len(errors),
+                errors[0].error.reason.strip().splitlines()[-1:],
+            )
+        return replies, ok, failed
+
+    def run(self, grid: Grid) -> CoordinatorResult:
+        directory = ClientDirectory.discover(grid, self.num_clients)
+        arrays = self.initial_arrays
+        result = CoordinatorResult(arrays=arrays)
+        if self.evaluate_fn is not None:
+            init = self.evaluate_fn(0, arrays)
+            if init is not None:
+                result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
+
+        for rnd in range(1, self.rounds + 1):
+            t0 = time.perf_counter()
+            record: dict[str, Any] = {"round": rnd}
+
+            cids = self.sample(rnd, "train", self.train_cohort)
+            view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
+            with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 0)):
+                msgs = self.strategy.configure_train(rnd, arrays, ConfigRecord(), view)
+            replies, ok, failed = self._exchange(grid, directory, msgs, "train", rnd)
+            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            record["train_loss"] = _get(train_metrics, "train_loss")
+            record["clients_selected"] = len(cids)
+            record["clients_replied"] = ok
+            record["clients_failed"] = failed
+
+            client_eval: MetricRecord | None = None
+            if self.eval_cohort > 0:
+                ecids = self.sample(rnd, "evaluate", self.eval_cohort)
+                view = SubsetGrid(grid, [directory.node_of(c) for c in ecids])
+                with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 1)):
+                    emsgs = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), view)
+                ereplies, _, _ = self._exchange(grid, directory, emsgs, "evaluate", rnd)
+                # A client with an empty held-out split has nothing to report.
+                ereplies = [
+                    r
+                    for r in ereplies
+                    if r.has_error() or r.content.metric_records["metrics"]["num-examples"] > 0
+                ]
+                if any(not r.has_error() for r in ereplies):
+                    client_eval = self.strategy.aggregate_evaluate(rnd, ereplies)
+            record["client_eval_loss"] = _get(client_eval, "eval_loss")
+            record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
+
+            central = self.evaluate_fn(rnd, arrays) if self.evaluate_fn is not None else None
+            record["eval_loss"] = _get(central, "eval_loss")
+            record["eval_accuracy"] = _get(central, "eval_accuracy")
+            record["round_wall_s"] = time.perf_counter() - t0
+            result.rounds.append(record)
+            if self.on_round is not None:
+                self.on_round(record)
+
+        result.arrays = arrays
+        return result

@@ -1,0 +1,148 @@
+"""A pool of Ray actors, each hosting many virtual clients of one scenario.
+
+Each actor builds the ClientApp once; the datasets, shards and model it needs are built
+on first use and reused (see ``clients.app``). A phase of a round is one Ray call per
+actor, carrying that actor's whole batch of messages: no per-client task, no polling.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import ray
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+Batch = list[tuple[int, Message]]  # (client id, instruction)
+
+
+class ClientWorker:
+    """Ray actor body: runs the scenario's Flower ClientApp on batches of messages."""
+
+    def __init__(self, spec_json: str, torch_threads: int) -> None:
+        import torch
+
+        from clients.app import build_client_app
+
+        torch.set_num_threads(torch_threads)
+        self._spec_json = spec_json
+        self._app = build_client_app(spec_json)
+
+    def warm(self) -> float:
+        """Load data and model now, so the first round measures training, not loading."""
+        from clients.app import _env
+
+        t0 = time.perf_counter()
+        _env(self._spec_json)
+        return time.perf_counter() - t0
+
+    def run(self, run_id: int, num_clients: int, batch: Batch) -> list[Message]:
+        replies = []
+        for cid, msg in batch:
+            context = Context(
+                run_id=run_id,
+                node_id=msg.metadata.dst_node_id,
+                node_config={"partition-id": cid, "num-partitions": num_clients},
+                state=RecordDict(),
+                run_config={},
+            )
+            try:
+                reply = self._app(msg, context)
+            except Exception as exc:  # a failing client is a failed reply, not a crash
+                reason = f"{type(exc).__name__}: {exc}"
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def default_num_workers(*, cpus: float, gpus: float, cap: int) -> int:
+    """As many actors as the cluster's resources fit, at least 1, at most ``cap``."""
+    res = ray.cluster_resources()
+    n = math.floor(res.get("CPU", 1) / cpus)
+    if gpus > 0:
+        n = min(n, math.floor(res.get("GPU", 0) / gpus))
+        if n < 1:
+            raise RuntimeError(
+                f"simulation.client_resources.gpus = {gpus} but the Ray cluster has "
+                f"{res.get('GPU', 0)} GPU(s)"
+            )
+    return max(1, min(n, cap))
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        spec_json: str,
+        *,
+        num_workers: int,
+        cpus: float,
+        gpus: float,
+        torch_threads: int,
+    ) -> None:
+        self._make = lambda: (
+            ray.remote(ClientWorker)
+            .options(num_cpus=cpus, num_gpus=gpus)
+            .remote(spec_json, torch_threads)
+        )
+        self.actors = [self._make() for _ in range(num_workers)]
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def warm(self) -> None:
+        ray.get([a.warm.remote() for a in self.actors])
+
+    def run(
+        self,
+        run_id: int,
+        num_clients: int,
+        batches: Sequence[Batch],
+        *,
+        timeout: float | None = None,
+    ) -> list[Message]:
+        """Run ``batches[i]`` on actor i; failed actors yield error replies and are replaced."""
+        refs = {
+            self.actors[i].run.remote(run_id, num_clients, b): i for i, b in enumerate(batches) if b
+        }
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        replies: list[Message] = []
+        for ref in ready:
+            i = refs[ref]
+            try:
+                replies.extend(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                # The actor died (e.g. out of memory): its clients fail this phase.
+                reason = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                replies.extend(
+                    Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=m)
+                    for _, m in batches[i]
+                )
+                self.actors[i] = self._make()
+        for ref in pending:  # late batches: no replies this phase
+            ray.cancel(ref, force=True)
+            self.actors[refs[ref]] = self._make()
+        return replies
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def balance(
+    items: Sequence[tuple[int, Message]], n_bins: int, cost: Callable[[int], float]
+) -> list[Batch]:
+    """Longest-processing-time-first assignment of clients to workers (by cost)."""
+    bins: list[Batch] = [[] for _ in range(n_bins)]
+    heap = [(0.0, i) for i in range(n_bins)]
+    for cid, msg in sorted(items, key=lambda it: (-cost(it[0]), it[0])):
+        load, i = heapq.heappop(heap)
+        bins[i].append((cid, msg))
+        heapq.heappush(heap, (load + cost(cid), i))
+    for b in bins:
+        b.sort(key=lambda it: it[0])
+    return bins

@@ -1,0 +1,78 @@
+"""The Flower ``ServerApp`` of a scenario: the coordinator around a registered strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from clients.training import evaluate_model
+from fedsim.data import Federation
+from fedsim.engine.coordinator import Coordinator, CoordinatorResult, RoundHook
+from fedsim.models import build_model
+
+if TYPE_CHECKING:
+    from fedsim.scenario import Scenario
+
+
+def initial_arrays(scn: Scenario, fed: Federation) -> ArrayRecord:
+    """The initial global model, deterministic for the run seed."""
+    model = build_model(
+        scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
+    )
+    return ArrayRecord(model.state_dict())
+
+
+def make_evaluate_fn(scn: Scenario, fed: Federation):
+    """Centralized evaluation of the global model on the server's test split."""
+    model = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        res = evaluate_model(
+            model, fed.x_test, fed.y_test, batch_size=max(scn.client.eval_batch_size, 512)
+        )
+        return MetricRecord({"eval_loss": res.loss, "eval_accuracy": res.accuracy})
+
+    return evaluate
+
+
+@dataclass
+class ServerOutcome:
+    """Filled by the ServerApp; read by the engine once the app returns."""
+
+    result: CoordinatorResult | None = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_coordinator(scn: Scenario, fed: Federation, on_round: RoundHook | None) -> Coordinator:
+    s = scn.strategy
+    return Coordinator(
+        strategy=s.build(client_lr=scn.client.lr),
+        initial_arrays=initial_arrays(scn, fed),
+        num_clients=scn.num_clients,
+        rounds=scn.run.rounds,
+        train_cohort=scn.train_cohort,
+        eval_cohort=scn.eval_cohort,
+        seed=scn.run.seed,
+        evaluate_fn=make_evaluate_fn(scn, fed) if s.centralized_evaluation else None,
+        on_round=on_round,
+    )
+
+
+def build_server_app(
+    scn: Scenario, fed: Federation, outcome: ServerOutcome, on_round: RoundHook | None = None
+) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome.result = build_coordinator(scn, fed, on_round).run(grid)
+        except BaseException as exc:  # re-raised by the engine after the runtime stops
+            outcome.error = exc
+
+    return app

@@ -1,0 +1,101 @@
+"""The run directory: resolved scenario, metrics, summary, model file, plots.
+
+Everything is written into ``.<name>.partial`` beside the requested folder and renamed
+into place only when the run completed, so a folder under its final name is always a
+finished result. A run that fails leaves ``<name>.incomplete`` (with ``error.txt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import traceback
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsim.errors import ScenarioError
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.safetensors"
+TIMING_FIELDS = ("round_wall_s",)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("fedsim", "flwr", "ray", "torch", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def default_out_dir(name: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / f"{name}-{stamp}"
+
+
+class RunDir:
+    def __init__(self, out: Path) -> None:
+        self.final = Path(out)
+        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
+            raise ScenarioError([("--out", f"{self.final} already exists and is not empty")])
+        self.tmp = self.final.with_name(f".{self.final.name}.partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self._metrics = (self.tmp / METRICS_FILE).open("w", encoding="utf-8")
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def write_text(self, name: str, text: str) -> None:
+        self.path(name).write_text(text, encoding="utf-8")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def write_model(self, arrays: dict[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        # One metadata key only: safetensors writes metadata from a hash map, so several
+        # keys come out in a per-process order and the file bytes would differ run to run.
+        save_file(tensors, str(self.path(MODEL_FILE)), metadata={"format": "pt"})
+
+    def commit(self) -> Path:
+        self._metrics.close()
+        if self.final.exists():
+            self.final.rmdir()  # verified empty in __init__
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abandon(self, exc: BaseException) -> Path:
+        self._metrics.close()
+        self.write_text("error.txt", "".join(traceback.format_exception(exc)))
+        dest = self.final.with_name(f"{self.final.name}.incomplete")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(self.tmp, dest)
+        return dest
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    with (Path(run_dir) / METRICS_FILE).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]

@@ -1,0 +1,325 @@
+"""Scenario files: schema (pydantic v2), TOML loading, ``--set`` overrides, JSON Schema.
+
+A scenario is one TOML file with the tables ``run``, ``data``, ``model``, ``client``,
+``strategy``, ``simulation`` and the reserved ``churn`` and ``privacy``. Every key has a
+default except what must be chosen (e.g. ``data.path`` for MNIST); unknown keys are
+errors; every error names its key path.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import Field, ValidationError
+
+from clients.config import ClientSection
+from fedsim.data import DataSpec, DigitsData
+from fedsim.errors import ScenarioError
+from fedsim.models import MlpModel, ModelSpec
+from fedsim.sections import Section
+from strategies import StrategySpec
+
+# Which key selects the variant of a registry-backed table, and its default value.
+_DISCRIMINATORS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data",): ("dataset", "digits"),
+    ("data", "partition"): ("kind", "iid"),
+    ("model",): ("name", "mlp"),
+    ("strategy",): ("name", "fedavg"),
+}
+
+
+class RunSection(Section):
+    name: str = Field(
+        "fedsim",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name; the default output folder is runs/<name>-<UTC timestamp>.",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**63,
+        description="Root seed: partitioning, sampling, initialisation and batching derive from it.",
+    )
+    rounds: int = Field(10, ge=1, description="Number of federated rounds.")
+
+
+class ClientResources(Section):
+    cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per concurrently running client.")
+    gpus: float = Field(
+        0.0,
+        ge=0,
+        description="Ray GPUs per client; fractional values share a GPU (0.25 = four per GPU).",
+    )
+
+
+class SimulationSection(Section):
+    engine: Literal["fedsim", "flower"] = Field(
+        "fedsim",
+        description="'fedsim': fedsim's Grid over a Ray actor pool (fast). "
+        "'flower': the same apps under Flower's run_simulation (the reference).",
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Ray actors hosting clients (fedsim engine); default: as many as "
+        "client_resources fit on the Ray cluster.",
+    )
+    client_resources: ClientResources = Field(default_factory=ClientResources)
+    ray_address: str | None = Field(
+        None,
+        description="Address of an existing Ray cluster (e.g. '127.0.0.1:6379'); "
+        "default: start a private local Ray bound to 127.0.0.1.",
+    )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per client worker.")
+
+
+class ChurnSection(Section):
+    """Reserved for client churn (availability, dropouts, stragglers): off in this release."""
+
+
+class PrivacySection(Section):
+    """Reserved for privacy (DP-SGD, secure aggregation): off in this release."""
+
+
+class Scenario(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSpec = Field(default_factory=DigitsData)
+    model: ModelSpec = Field(default_factory=MlpModel)
+    client: ClientSection = Field(default_factory=ClientSection)
+    strategy: StrategySpec = Field(default_factory=lambda: _default_strategy())
+    simulation: SimulationSection = Field(default_factory=SimulationSection)
+    churn: ChurnSection = Field(default_factory=ChurnSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+
+    # Derived sizes the engine needs everywhere.
+    @property
+    def num_clients(self) -> int:
+        return self.data.num_clients
+
+    @property
+    def train_cohort(self) -> int:
+        k = self.strategy.clients_per_round
+        return self.num_clients if k is None else k
+
+    @property
+    def eval_cohort(self) -> int:
+        e = self.strategy.evaluate_clients_per_round
+        return self.train_cohort if e is None else e
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def _default_strategy() -> Any:
+    from strategies import STRATEGIES
+
+    return STRATEGIES.get("fedavg")(name="fedavg")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b.c=VALUE"`` -> (["a","b","c"], value); VALUE parsed as a TOML value.
+
+    A value that is not valid TOML is taken as a bare string, so
+    ``--set data.path=../shared/data/mnist`` needs no quoting.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError([("--set", f"expected KEY=VALUE, got {item!r}")])
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ScenarioError([("--set", f"bad key path {key!r}")])
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        cur = raw
+        for i, p in enumerate(parts[:-1]):
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise ScenarioError([(where, f"is not a table, cannot set {'.'.join(parts)}")])
+            cur = nxt
+        cur[parts[-1]] = value
+    return raw
+
+
+def _fill_discriminators(raw: dict[str, Any]) -> None:
+    """Default the selector keys (``strategy.name`` etc.) so a table may omit them."""
+    for path, (key, default) in _DISCRIMINATORS.items():
+        cur: Any = raw
+        for p in path:
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and key not in cur:
+            # data.partition only exists for datasets that take a partitioner.
+            if (
+                path == ("data", "partition")
+                and raw["data"].get("dataset", "digits") == "synthetic"
+            ):
+                continue
+            cur[key] = default
+
+
+_TAG_KEYS = {key for key, _ in _DISCRIMINATORS.values()}
+
+
+def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """Turn a pydantic error location into a scenario key path, dropping union tags."""
+    parts: list[str] = []
+    cur = raw
+    for el in loc:
+        if isinstance(cur, dict) and el in cur:
+            parts.append(str(el))
+            cur = cur[el]
+        elif isinstance(cur, list) and isinstance(el, int) and 0 <= el < len(cur):
+            parts[-1] = f"{parts[-1]}[{el}]" if parts else f"[{el}]"
+            cur = cur[el]
+        elif isinstance(cur, dict) and any(cur.get(k) == el for k in _TAG_KEYS):
+            continue  # the discriminated-union tag pydantic inserts
+        else:
+            parts.append(str(el))
+            cur = None
+    return ".".join(parts)
+
+
+def _num(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _message(err: dict[str, Any]) -> str:
+    t, ctx = err["type"], err.get("ctx", {})
+    simple = {
+        "greater_than": "must be > {gt}",
+        "greater_than_equal": "must be >= {ge}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
+        "missing": "is required",
+        "extra_forbidden": "unknown key",
+        "int_parsing": "must be an integer",
+        "int_type": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_parsing": "must be a number",
+        "float_type": "must be a number",
+        "bool_parsing": "must be true or false",
+        "bool_type": "must be true or false",
+        "string_type": "must be a string",
+        "list_type": "must be an array",
+        "model_type": "must be a table",
+        "dict_type": "must be a table",
+        "string_pattern_mismatch": "must match {pattern}",
+    }
+    if t in simple:
+        try:
+            return simple[t].format(**{k: _num(v) for k, v in ctx.items()})
+        except (KeyError, IndexError):
+            return simple[t]
+    if t == "literal_error":
+        return f"must be one of {ctx.get('expected', '')} (got {err.get('input')!r})"
+    if t == "union_tag_invalid":
+        return f"unknown value {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
+    if t == "union_tag_not_found":
+        return f"missing key {ctx.get('discriminator')}"
+    msg = str(err.get("msg", t))
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        path = _key_path(tuple(err["loc"]), raw)
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = err.get("ctx", {}).get("discriminator", "").strip("'")
+            path = f"{path}.{tag}" if tag else path
+        out.append((path, _message(err)))
+    return out
+
+
+def cross_check(scn: Scenario) -> list[tuple[str, str]]:
+    """Impossible combinations that span tables."""
+    problems: list[tuple[str, str]] = []
+    n = scn.num_clients
+    s = scn.strategy
+    if s.clients_per_round is not None and s.clients_per_round > n:
+        problems.append(
+            ("strategy.clients_per_round", f"{s.clients_per_round} > data.num_clients ({n})")
+        )
+    e = s.evaluate_clients_per_round
+    if e is not None and e > n:
+        problems.append(("strategy.evaluate_clients_per_round", f"{e} > data.num_clients ({n})"))
+    problems += s.check(cohort_size=min(scn.train_cohort, n))
+    if s.name == "fedprox" and scn.client.mu > 0:
+        problems.append(
+            ("client.mu", "set the proximal term once: strategy.proximal_mu (fedprox) or client.mu")
+        )
+    gpus = scn.simulation.client_resources.gpus
+    if gpus > 1 and gpus != int(gpus):
+        problems.append(
+            ("simulation.client_resources.gpus", "must be a fraction <= 1 or a whole number")
+        )
+    if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
+        problems.append(
+            (
+                "simulation.num_workers",
+                "not used by engine 'flower' (it sizes its pool from client_resources)",
+            )
+        )
+    return problems
+
+
+def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
+    _fill_discriminators(raw)
+    try:
+        scn = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_problems(exc, raw)) from None
+    problems = cross_check(scn)
+    if problems:
+        raise ScenarioError(problems)
+    return scn
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError([(str(path), "no such file")]) from None
+    except OSError as exc:
+        raise ScenarioError([(str(path), f"cannot read: {exc.strerror}")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError([(str(path), f"TOML syntax error: {exc}")]) from None
+
+
+def load_scenario(path: str | Path | None, overrides: list[str] | None = None) -> Scenario:
+    """Load, override and validate a scenario; raises ScenarioError naming each key path."""
+    raw = read_toml(Path(path) if path is not None else default_scenario_path())
+    return scenario_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def default_scenario_path() -> Path:
+    """The embedded default: scenarios/quickstart.toml (shipped as fedsim.scenarios)."""
+    from importlib import resources
+
+    return Path(str(resources.files("fedsim.scenarios") / "quickstart.toml"))
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Scenario.model_json_schema()
+    schema["title"] = "fedsim scenario"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

@@ -1,0 +1,1 @@
+"""Ready-to-run scenario files (installed as the package ``fedsim.scenarios``)."""

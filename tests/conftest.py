@@ -1,0 +1,45 @@
+"""Shared fixtures: one Ray instance for the whole session (2 CPUs, no dashboard)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_MNIST = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist")
+
+
+def _init_ray() -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    import ray
+
+    _init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """A running Ray; re-started if a test (Flower's runtime) shut it down."""
+    _init_ray()
+    yield

@@ -1,0 +1,105 @@
+"""Coordinator policies without Ray: seeded sampling, reply order, failures."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim.engine.coordinator import AllClientsFailed, ClientDirectory, Coordinator
+from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
+
+
+class LocalPool:
+    """Runs batches in-process: replies carry the client's id as its weights."""
+
+    size = 2
+
+    def __init__(self, fail: set[int] | None = None):
+        self.fail = fail or set()
+        self.calls: list[list[int]] = []
+
+    def run(self, run_id, num_clients, batches, timeout=None):
+        out = []
+        for batch in reversed(batches):  # arrive in a scrambled order
+            self.calls.append([cid for cid, _ in batch])
+            for cid, msg in reversed(batch):
+                if cid in self.fail:
+                    out.append(Message(Error(2, f"client {cid} broke"), reply_to=msg))
+                    continue
+                content = RecordDict(
+                    {
+                        "arrays": ArrayRecord({"w": Array(np.array([float(cid)], np.float32))}),
+                        "metrics": MetricRecord({"num-examples": cid + 1, "train_loss": 1.0}),
+                    }
+                )
+                out.append(Message(content, reply_to=msg))
+        return out
+
+
+def _coordinator(num_clients=10, cohort=4, seed=0, rounds=1, eval_cohort=0):
+    return Coordinator(
+        strategy=FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+        num_clients=num_clients,
+        rounds=rounds,
+        train_cohort=cohort,
+        eval_cohort=eval_cohort,
+        seed=seed,
+    )
+
+
+def test_sampling_is_seeded_sorted_distinct_and_leaves_global_random_alone():
+    state = random.getstate()
+    c = _coordinator(num_clients=100, cohort=10)
+    a = c.sample(3, "train", 10)
+    assert a == c.sample(3, "train", 10) == sorted(set(a)) and len(a) == 10
+    assert a != c.sample(4, "train", 10)
+    assert a != _coordinator(num_clients=100, cohort=10, seed=1).sample(3, "train", 10)
+    assert c.sample(3, "train", 100) == list(range(100))
+    assert random.getstate() == state
+
+
+def test_round_aggregates_the_sampled_clients_weighted_by_examples():
+    pool = LocalPool()
+    c = _coordinator(num_clients=10, cohort=4, rounds=1)
+    res = c.run(RayGrid(pool, num_clients=10))
+    cids = c.sample(1, "train", 4)
+    expected = sum(cid * (cid + 1) for cid in cids) / sum(cid + 1 for cid in cids)
+    assert res.arrays["w"].numpy()[0] == pytest.approx(expected, rel=1e-6)
+    rec = res.rounds[0]
+    assert rec["clients_selected"] == 4 and rec["clients_replied"] == 4
+    assert rec["clients_failed"] == 0 and rec["train_loss"] == pytest.approx(1.0)
+    assert sorted(c for call in pool.calls for c in call) == cids
+
+
+def test_failed_clients_are_counted_and_excluded():
+    pool = LocalPool(fail={1})
+    c = _coordinator(num_clients=4, cohort=4)
+    res = c.run(RayGrid(pool, num_clients=4))
+    rec = res.rounds[0]
+    assert rec["clients_failed"] == 1 and rec["clients_replied"] == 3
+    expected = (0 * 1 + 2 * 3 + 3 * 4) / (1 + 3 + 4)
+    assert res.arrays["w"].numpy()[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_all_clients_failing_stops_the_run_with_the_reason():
+    with pytest.raises(AllClientsFailed, match="client 0 broke"):
+        _coordinator(num_clients=2, cohort=2).run(RayGrid(LocalPool(fail={0, 1}), num_clients=2))
+
+
+def test_reply_order_does_not_change_the_result():
+    # The pool returns replies in reverse order; FedAvg sums in client-id order anyway.
+    a = _coordinator(num_clients=6, cohort=6).run(RayGrid(LocalPool(), num_clients=6))
+    b = _coordinator(num_clients=6, cohort=6).run(RayGrid(LocalPool(), num_clients=6))
+    assert a.arrays["w"].numpy().tobytes() == b.arrays["w"].numpy().tobytes()
+
+
+def test_directory_maps_both_ways():
+    d = RayGrid(LocalPool(), num_clients=3).client_directory()
+    assert d.node_of(2) == NODE_ID_OFFSET + 2 and d.client_of(NODE_ID_OFFSET + 2) == 2
+    t = ClientDirectory({0: 17, 1: 5})
+    assert t.node_of(1) == 5 and t.client_of(17) == 0
