@@ -80,7 +80,9 @@ def table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> li
     return rows
 
 
-def _variants(title: str, key: str, registry: Any, prefix: str, common: tuple[str, ...]) -> list[str]:
+def _variants(
+    title: str, key: str, registry: Any, prefix: str, common: tuple[str, ...]
+) -> list[str]:
     out = [f"`{key}` selects one of: " + ", ".join(f"`{n}`" for n in registry.names()) + ".", ""]
     for name in registry.names():
         cls = registry.get(name)
