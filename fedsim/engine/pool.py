@@ -59,17 +59,20 @@ class ClientWorker:
 
 
 def default_num_workers(*, cpus: float, gpus: float, cap: int) -> int:
-    """As many actors as the cluster's resources fit, at least 1, at most ``cap``."""
+    """As many actors as the cluster's resources fit, at most ``cap``.
+
+    Raises when not even one fits: Ray would otherwise wait for resources forever.
+    """
     res = ray.cluster_resources()
-    n = math.floor(res.get("CPU", 1) / cpus)
+    n = math.floor(res.get("CPU", 0) / cpus)
     if gpus > 0:
         n = min(n, math.floor(res.get("GPU", 0) / gpus))
-        if n < 1:
-            raise RuntimeError(
-                f"simulation.client_resources.gpus = {gpus} but the Ray cluster has "
-                f"{res.get('GPU', 0)} GPU(s)"
-            )
-    return max(1, min(n, cap))
+    if n < 1:
+        raise RuntimeError(
+            f"simulation.client_resources (cpus={cpus}, gpus={gpus}) do not fit the Ray "
+            f"cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+        )
+    return min(n, cap)
 
 
 class WorkerPool:
@@ -93,8 +96,15 @@ class WorkerPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def warm(self) -> None:
-        ray.get([a.warm.remote() for a in self.actors])
+    def warm(self, timeout_s: float = 300.0) -> None:
+        refs = [a.warm.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            raise RuntimeError(
+                f"{len(refs) - len(ready)} of {len(refs)} client workers did not start within "
+                f"{timeout_s:.0f} s (too few free Ray resources for simulation.num_workers?)"
+            )
+        ray.get(ready)  # re-raises a worker's start-up error
 
     def run(
         self,

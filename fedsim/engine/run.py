@@ -64,9 +64,10 @@ def _run_fedsim(scn: Scenario, fed: Federation, on_round: RoundHook | None) -> E
     try:
         t0 = time.perf_counter()
         res = sim.client_resources
-        n = sim.num_workers or default_num_workers(
+        fit = default_num_workers(
             cpus=res.cpus, gpus=res.gpus, cap=max(scn.train_cohort, scn.eval_cohort, 1)
         )
+        n = sim.num_workers or fit
         pool = WorkerPool(
             scn.model_dump_json(),
             num_workers=n,
