@@ -42,7 +42,10 @@ def _env(spec_json: str) -> _Env:
     torch.set_num_threads(scn.simulation.torch_threads)
     fed = load_federation(scn.data, seed=scn.run.seed)
     device = pick_device(scn.simulation.client_resources.gpus)
-    model = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
+    # Seeded only so that building it never draws from the global torch RNG.
+    model = build_model(
+        scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
+    )
     return _Env(scn, fed, model.to(device), device)
 
 

@@ -1,7 +1,7 @@
 """``fedsim run | validate | schema``: parse arguments, call the library, map errors to exits.
 
 Exit codes: 0 success; 1 the run failed; 2 a bad scenario or bad arguments (one line per
-problem, naming the file and key path); 130 interrupted.
+problem, naming the file and key path); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,9 +19,33 @@ from fedsim.errors import ScenarioError
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
+EXIT_TERMINATED = 143
+
+
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the run directory is marked incomplete.
+
+    A flag, not an exception subclass: Ray re-raises interrupts as plain KeyboardInterrupt.
+    """
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def _print_problems(source: str, exc: ScenarioError) -> None:
     for line in exc.lines():
-        print(f"{source}: {line}", file=sys.stderr)
+        print(f"{source}: {line}" if source else f"fedsim: {line}", file=sys.stderr)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (
+        exc.__context__ is not None and not exc.__suppress_context__
+    ):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,10 +104,17 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedsim.progress import Progress
+    from fedsim.results import check_out_dir
     from fedsim.runner import execute
     from fedsim.scenario import default_scenario_path, load_scenario
 
     source = args.scenario or str(default_scenario_path())
+    try:
+        if args.out is not None:
+            check_out_dir(args.out)
+    except ScenarioError as exc:
+        _print_problems("", exc)
+        return EXIT_BAD_INPUT
     try:
         scn = load_scenario(source, args.overrides)
     except ScenarioError as exc:
@@ -103,6 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     kind = "centralized"
     if acc is None:
         acc, loss, kind = s["client_eval_accuracy"], s["client_eval_loss"], "client-side"
+    if acc is None:
+        kind = "no evaluation configured"
     shown = "n/a" if acc is None else f"{acc:.4f}"
     shown_loss = "n/a" if loss is None else f"{loss:.4f}"
     print(
@@ -115,18 +149,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = os.environ.get("FEDSIM_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}[args.command](
             args
         )
-    except KeyboardInterrupt:
-        print("fedsim: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        notes = " ".join(getattr(exc, "__notes__", []))
+        terminated = _terminated
+        print(
+            f"fedsim: {'terminated' if terminated else 'interrupted'} {notes}".rstrip(),
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as exc:  # a failed run: one line, the traceback only on request
         if debug:
             raise
         notes = " ".join(getattr(exc, "__notes__", []))
-        print(f"fedsim: error: {type(exc).__name__}: {exc} {notes}".rstrip(), file=sys.stderr)
+        root = _innermost(exc)
+        cause = f" (cause: {type(root).__name__}: {root})" if root is not exc else ""
+        print(
+            f"fedsim: error: {type(exc).__name__}: {exc}{cause} {notes}".rstrip(), file=sys.stderr
+        )
         print("fedsim: set FEDSIM_DEBUG=1 for the traceback", file=sys.stderr)
         return EXIT_FAILED
 

@@ -10,11 +10,15 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def headline(rec: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(accuracy, loss): centralized when there is one, else the clients' view."""
+    if rec.get("eval_accuracy") is not None:
+        return rec["eval_accuracy"], rec.get("eval_loss")
+    return rec.get("client_eval_accuracy"), rec.get("client_eval_loss")
+
+
 def round_line(rec: dict[str, Any], total: int) -> str:
-    acc = rec.get("eval_accuracy")
-    loss = rec.get("eval_loss")
-    if acc is None:  # no centralized evaluation: show the clients' view
-        acc, loss = rec.get("client_eval_accuracy"), rec.get("client_eval_loss")
+    acc, loss = headline(rec)
     return (
         f"round {rec['round']}/{total}  accuracy {_fmt(acc)}  loss {_fmt(loss)}  "
         f"train_loss {_fmt(rec.get('train_loss'))}  "
@@ -54,8 +58,7 @@ class Progress:
         if self.quiet:
             return
         if self._rich is not None:
-            acc = rec.get("eval_accuracy", rec.get("client_eval_accuracy"))
-            loss = rec.get("eval_loss", rec.get("client_eval_loss"))
+            acc, loss = headline(rec)
             self._rich.update(
                 self._task, completed=rec["round"], status=f"accuracy {_fmt(acc)} loss {_fmt(loss)}"
             )

@@ -1,6 +1,6 @@
 """The run directory: resolved scenario, metrics, summary, model file, plots.
 
-Everything is written into ``.<name>.partial`` beside the requested folder and renamed
+Everything is written into a private ``.<name>.*.partial`` beside the requested folder and renamed
 into place only when the run completed, so a folder under its final name is always a
 finished result. A run that fails leaves ``<name>.incomplete`` (with ``error.txt``).
 """
@@ -8,9 +8,10 @@ finished result. A run that fails leaves ``<name>.incomplete`` (with ``error.txt
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
-import shutil
+import tempfile
 import traceback
 from datetime import UTC, datetime
 from importlib import metadata
@@ -39,18 +40,44 @@ def versions() -> dict[str, str]:
 
 def default_out_dir(name: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path("runs") / f"{name}-{stamp}"
+    out = Path("runs") / f"{name}-{stamp}"
+    n = 1
+    while out.exists() or any(out.parent.glob(f".{out.name}.*.partial")):
+        n += 1
+        out = Path("runs") / f"{name}-{stamp}-{n}"
+    return out
+
+
+def check_out_dir(out: Path) -> None:
+    """ScenarioError unless ``out`` is absent or an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise ScenarioError([("--out", f"{out} is a file, not a folder")])
+    if out.exists() and any(out.iterdir()):
+        raise ScenarioError([("--out", f"{out} already exists and is not empty")])
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinities (a diverged run) become null: strict JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 class RunDir:
     def __init__(self, out: Path) -> None:
         self.final = Path(out)
-        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
-            raise ScenarioError([("--out", f"{self.final} already exists and is not empty")])
-        self.tmp = self.final.with_name(f".{self.final.name}.partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        check_out_dir(self.final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        # A private temporary folder: concurrent runs aimed at one name never collide.
+        self.tmp = Path(
+            tempfile.mkdtemp(
+                dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".partial"
+            )
+        )
         self._metrics = (self.tmp / METRICS_FILE).open("w", encoding="utf-8")
 
     def path(self, name: str) -> Path:
@@ -60,10 +87,10 @@ class RunDir:
         self.path(name).write_text(text, encoding="utf-8")
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        self.write_text(name, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
     def append_round(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._metrics.flush()
 
     def write_model(self, arrays: dict[str, np.ndarray]) -> None:
@@ -76,19 +103,24 @@ class RunDir:
 
     def commit(self) -> Path:
         self._metrics.close()
-        if self.final.exists():
-            self.final.rmdir()  # verified empty in __init__
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp, self.final)
+        try:
+            check_out_dir(self.final)  # something may have appeared there meanwhile
+            if self.final.exists():
+                self.final.rmdir()
+            os.rename(self.tmp, self.final)
+        except (ScenarioError, OSError) as exc:
+            raise RuntimeError(f"cannot move the finished run to {self.final}: {exc}") from None
         return self.final
 
     def abandon(self, exc: BaseException) -> Path:
         self._metrics.close()
         self.write_text("error.txt", "".join(traceback.format_exception(exc)))
         dest = self.final.with_name(f"{self.final.name}.incomplete")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(self.tmp, dest)
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.final.with_name(f"{self.final.name}.incomplete-{n}")
+        os.rename(self.tmp, dest)
         return dest
 
 

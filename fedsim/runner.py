@@ -13,7 +13,14 @@ from fedsim.errors import ScenarioError
 from fedsim.models import build_model, count_parameters
 from fedsim.plots import plot_curves, plot_label_heatmap
 from fedsim.progress import Progress
-from fedsim.results import MODEL_FILE, SUMMARY_FILE, RunDir, default_out_dir, versions
+from fedsim.results import (
+    MODEL_FILE,
+    SUMMARY_FILE,
+    RunDir,
+    check_out_dir,
+    default_out_dir,
+    versions,
+)
 from fedsim.scenario import Scenario
 
 
@@ -39,7 +46,9 @@ def prepare(scn: Scenario) -> tuple[Federation, int]:
     """
     fed = load_federation(scn.data, seed=scn.run.seed)
     try:
-        model = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
+        model = build_model(
+            scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
+        )
     except ValueError as exc:
         raise ScenarioError([("model.name", str(exc))]) from None
     empty = [i for i, idx in enumerate(fed.train_idx) if len(idx) == 0]
@@ -61,12 +70,26 @@ def execute(
     scn: Scenario, *, out: Path | None = None, progress: Progress | None = None
 ) -> RunOutcome:
     """Run ``scn`` and write its run directory; a failure leaves ``<out>.incomplete``."""
-    from fedsim.engine.run import run_engine  # imports Ray: only when running
+    from fedsim.engine.run import Engine  # imports Ray: only when running
 
     t_start = time.perf_counter()
     scn = resolve_paths(scn)
+    out = out if out is not None else default_out_dir(scn.run.name)
+    check_out_dir(out)
     fed, n_params = prepare(scn)
-    run_dir = RunDir(out if out is not None else default_out_dir(scn.run.name))
+    with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
+        return _execute(scn, fed, n_params, engine, RunDir(out), progress, t_start)
+
+
+def _execute(
+    scn: Scenario,
+    fed: Federation,
+    n_params: int,
+    engine: Any,
+    run_dir: RunDir,
+    progress: Progress | None,
+    t_start: float,
+) -> RunOutcome:
     progress = progress or Progress(scn.run.rounds, quiet=True)
     try:
         toml_text = scn.to_toml()
@@ -80,7 +103,7 @@ def execute(
             progress.update(rec)
 
         with progress:
-            result = run_engine(scn, fed, on_round)
+            result = engine.run(fed, on_round)
         records = result.coordinator.rounds
         arrays = {k: v.numpy() for k, v in result.coordinator.arrays.items()}
         run_dir.write_model(arrays)
@@ -107,8 +130,8 @@ def execute(
             "versions": versions(),
         }
         run_dir.write_json(SUMMARY_FILE, summary)
+        return RunOutcome(run_dir.commit(), summary)
     except BaseException as exc:
         dest = run_dir.abandon(exc)
         exc.add_note(f"partial output kept in {dest}")
         raise
-    return RunOutcome(run_dir.commit(), summary)

@@ -234,7 +234,8 @@ def _message(err: dict[str, Any]) -> str:
         return f"missing key {ctx.get('discriminator')}"
     msg = str(err.get("msg", t))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    return msg[:1].lower() + msg[1:]
+    # "Input should be ..." -> "input should be ..."; keep acronyms such as "MNIST".
+    return msg[:1].lower() + msg[1:] if msg[1:2].islower() else msg
 
 
 def _problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
@@ -296,13 +297,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ScenarioError([(str(path), "no such file")]) from None
+        raise ScenarioError([("", "no such file")]) from None
     except OSError as exc:
-        raise ScenarioError([(str(path), f"cannot read: {exc.strerror}")]) from None
+        raise ScenarioError([("", f"cannot read: {exc.strerror}")]) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError([(str(path), f"TOML syntax error: {exc}")]) from None
+        raise ScenarioError([("", f"TOML syntax error: {exc}")]) from None
 
 
 def load_scenario(path: str | Path | None, overrides: list[str] | None = None) -> Scenario:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,43 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 class AllClientsFailed(RuntimeError):
     """Every client of a phase failed: almost always a bug or a bad setting, not churn."""
+
+
+class Stopped(RuntimeError):
+    """The engine asked the coordinator to stop (the runtime failed or was interrupted)."""
+
+
+POLL_S = 0.02
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    *,
+    timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> list[Message]:
+    """Send messages and collect replies.
+
+    fedsim's grid delivers synchronously (no polling). Other grids (Flower's runtime,
+    a real SuperLink) are pulled in short steps so a ``stop`` request ends the wait.
+    """
+    if hasattr(grid, "client_directory") or stop is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        if stop.is_set():
+            raise Stopped("stopped while waiting for client replies")
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        if pending and not got:
+            time.sleep(POLL_S)
+    return replies
 
 
 @contextmanager
@@ -89,7 +127,14 @@ class ClientDirectory:
         return self._client_of[node_id]
 
     @classmethod
-    def discover(cls, grid: Grid, num_clients: int, *, timeout_s: float = 120.0) -> ClientDirectory:
+    def discover(
+        cls,
+        grid: Grid,
+        num_clients: int,
+        *,
+        timeout_s: float = 120.0,
+        stop: threading.Event | None = None,
+    ) -> ClientDirectory:
         """Ask every node for its ``partition-id`` (Flower runtime or real SuperNodes).
 
         fedsim's own grid knows the mapping and is asked directly instead.
@@ -98,6 +143,8 @@ class ClientDirectory:
             return grid.client_directory()
         deadline = time.monotonic() + timeout_s
         while len(nodes := list(grid.get_node_ids())) < num_clients:
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while waiting for client nodes")
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {len(nodes)} of {num_clients} client nodes connected "
@@ -109,7 +156,7 @@ class ClientDirectory:
             for node in sorted(nodes)
         ]
         node_of: dict[int, int] = {}
-        for reply in grid.send_and_receive(msgs, timeout=timeout_s):
+        for reply in exchange(grid, msgs, timeout=timeout_s, stop=stop):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             cid = int(reply.content.metric_records["info"]["partition-id"])
@@ -151,6 +198,7 @@ class Coordinator:
         evaluate_fn: EvaluateFn | None = None,
         on_round: RoundHook | None = None,
         reply_timeout_s: float | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -162,6 +210,7 @@ class Coordinator:
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
         self.reply_timeout_s = reply_timeout_s
+        self.stop = stop
 
     def sample(self, server_round: int, phase: str, k: int) -> list[int]:
         """k distinct client ids, sorted, drawn from the run seed for this round/phase."""
@@ -179,7 +228,7 @@ class Coordinator:
         server_round: int,
     ) -> tuple[list[Message], int, int]:
         msgs = list(messages)
-        replies = list(grid.send_and_receive(msgs, timeout=self.reply_timeout_s))
+        replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
         replies.sort(key=lambda m: directory.client_of(m.metadata.src_node_id))
         errors = [r for r in replies if r.has_error()]
         ok = len(replies) - len(errors)
@@ -200,7 +249,7 @@ class Coordinator:
         return replies, ok, failed
 
     def run(self, grid: Grid) -> CoordinatorResult:
-        directory = ClientDirectory.discover(grid, self.num_clients)
+        directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
         arrays = self.initial_arrays
         result = CoordinatorResult(arrays=arrays)
         if self.evaluate_fn is not None:

@@ -8,7 +8,6 @@ actor, carrying that actor's whole batch of messages: no per-client task, no pol
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -56,23 +55,6 @@ class ClientWorker:
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
             replies.append(reply)
         return replies
-
-
-def default_num_workers(*, cpus: float, gpus: float, cap: int) -> int:
-    """As many actors as the cluster's resources fit, at most ``cap``.
-
-    Raises when not even one fits: Ray would otherwise wait for resources forever.
-    """
-    res = ray.cluster_resources()
-    n = math.floor(res.get("CPU", 0) / cpus)
-    if gpus > 0:
-        n = min(n, math.floor(res.get("GPU", 0) / gpus))
-    if n < 1:
-        raise RuntimeError(
-            f"simulation.client_resources (cpus={cpus}, gpus={gpus}) do not fit the Ray "
-            f"cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
-        )
-    return min(n, cap)
 
 
 class WorkerPool:
@@ -132,8 +114,8 @@ class WorkerPool:
                     for _, m in batches[i]
                 )
                 self.actors[i] = self._make()
-        for ref in pending:  # late batches: no replies this phase
-            ray.cancel(ref, force=True)
+        for ref in pending:  # late batches: no replies this phase; replace the worker
+            ray.kill(self.actors[refs[ref]])
             self.actors[refs[ref]] = self._make()
         return replies
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import threading
 import time
 
-# Ray reports usage statistics unless told not to; a privacy tool does not phone home.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Keep today's behaviour (and silence Ray's FutureWarning about changing it).
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+import ray
 
-import ray  # noqa: E402
+from fedsim.errors import ScenarioError
 
 
 def start_ray(*, address: str | None = None) -> tuple[bool, float]:
@@ -26,14 +25,63 @@ def start_ray(*, address: str | None = None) -> tuple[bool, float]:
         "log_to_driver": False,
         "configure_logging": True,
     }
+    # ray.init installs its own SIGTERM handler (a native stack dump, then exit 15);
+    # keep the caller's, so a terminated run unwinds and marks its folder incomplete.
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
+        _check_reachable(address)
         ray.init(address=address, **common)
     else:
         # A private single-machine cluster bound to loopback.
         ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **common)
+    if main and on_term is not None:
+        signal.signal(signal.SIGTERM, on_term)
     return True, time.perf_counter() - t0
 
 
 def stop_ray(started_here: bool) -> None:
     if started_here and ray.is_initialized():
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when a cluster address is wrong."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(
+            [("simulation.ray_address", f"cannot reach a Ray cluster at {address!r}: {exc}")]
+        ) from None
+
+
+def check_fit(*, cpus: float, gpus: float, num_workers: int | None = None) -> int:
+    """How many clients fit the cluster at once; ScenarioError when not even one does."""
+    res = ray.cluster_resources()
+    fit = int(res.get("CPU", 0) // cpus)
+    if gpus > 0:
+        fit = min(fit, int(res.get("GPU", 0) // gpus))
+    if fit < 1:
+        raise ScenarioError(
+            [
+                (
+                    "simulation.client_resources",
+                    f"cpus={cpus:g}, gpus={gpus:g} per client do not fit the Ray cluster "
+                    f"({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)",
+                )
+            ]
+        )
+    if num_workers is not None and num_workers > fit:
+        raise ScenarioError(
+            [
+                (
+                    "simulation.num_workers",
+                    f"{num_workers} workers need {num_workers * cpus:g} CPU / "
+                    f"{num_workers * gpus:g} GPU; the Ray cluster fits {fit}",
+                )
+            ]
+        )
+    return fit

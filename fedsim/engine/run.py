@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from clients.app import build_client_app
 from fedsim.data import Federation
 from fedsim.engine.coordinator import CoordinatorResult, RoundHook
 from fedsim.engine.grid import RayGrid
-from fedsim.engine.pool import WorkerPool, default_num_workers
-from fedsim.engine.ray_runtime import start_ray, stop_ray
+from fedsim.engine.pool import WorkerPool
+from fedsim.engine.ray_runtime import check_fit, start_ray, stop_ray
 from fedsim.engine.server import ServerOutcome, build_server_app
 
 if TYPE_CHECKING:
@@ -31,8 +32,8 @@ class EngineResult:
 
 
 @contextlib.contextmanager
-def quiet_flower(level: int = logging.ERROR) -> Iterator[None]:
-    """Flower logs every round at INFO; fedsim shows its own progress instead."""
+def quiet_flower(level: int = logging.CRITICAL) -> Iterator[None]:
+    """Flower logs every round at INFO (and errors with tracebacks); fedsim reports itself."""
     logger = logging.getLogger("flwr")
     old = logger.level
     logger.setLevel(level)
@@ -42,78 +43,99 @@ def quiet_flower(level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(old)
 
 
-def run_engine(scn: Scenario, fed: Federation, on_round: RoundHook | None = None) -> EngineResult:
-    if scn.simulation.engine == "flower":
-        return _run_flower(scn, fed, on_round)
-    return _run_fedsim(scn, fed, on_round)
+class Engine:
+    """Ray started (or joined) and the resources checked, before any run directory exists.
 
+    ``with Engine(scn) as engine: engine.run(fed, on_round)``. Entering raises
+    ScenarioError for an unreachable cluster or resources that do not fit; leaving stops
+    the Ray instance it started.
+    """
 
-def _finish(outcome: ServerOutcome, timings: dict[str, Any]) -> EngineResult:
-    if outcome.error is not None:
-        raise outcome.error
-    if outcome.result is None:
-        raise RuntimeError("the ServerApp ended without a result")
-    return EngineResult(outcome.result, timings)
+    def __init__(self, scn: Scenario) -> None:
+        self.scn = scn
+        self._started = False
+        self.timings: dict[str, Any] = {}
+        self.fit = 0
 
+    def __enter__(self) -> Engine:
+        sim = self.scn.simulation
+        self._started, self.timings["ray_start_s"] = start_ray(address=sim.ray_address)
+        try:
+            res = sim.client_resources
+            workers = sim.num_workers if sim.engine == "fedsim" else None
+            self.fit = check_fit(cpus=res.cpus, gpus=res.gpus, num_workers=workers)
+        except BaseException:
+            stop_ray(self._started)
+            raise
+        return self
 
-def _run_fedsim(scn: Scenario, fed: Federation, on_round: RoundHook | None) -> EngineResult:
-    sim = scn.simulation
-    started, ray_s = start_ray(address=sim.ray_address)
-    timings: dict[str, Any] = {"ray_start_s": ray_s}
-    pool = None
-    try:
+    def __exit__(self, *exc: object) -> None:
+        stop_ray(self._started)
+
+    def run(self, fed: Federation, on_round: RoundHook | None = None) -> EngineResult:
+        if self.scn.simulation.engine == "flower":
+            return self._run_flower(fed, on_round)
+        return self._run_fedsim(fed, on_round)
+
+    def _finish(self, outcome: ServerOutcome) -> EngineResult:
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.result is None:
+            raise RuntimeError("the ServerApp ended without a result")
+        return EngineResult(outcome.result, dict(self.timings))
+
+    def _run_fedsim(self, fed: Federation, on_round: RoundHook | None) -> EngineResult:
+        scn, sim = self.scn, self.scn.simulation
         t0 = time.perf_counter()
-        res = sim.client_resources
-        fit = default_num_workers(
-            cpus=res.cpus, gpus=res.gpus, cap=max(scn.train_cohort, scn.eval_cohort, 1)
-        )
-        n = sim.num_workers or fit
+        n = sim.num_workers or min(self.fit, max(scn.train_cohort, scn.eval_cohort, 1))
         pool = WorkerPool(
             scn.model_dump_json(),
             num_workers=n,
-            cpus=res.cpus,
-            gpus=res.gpus,
+            cpus=sim.client_resources.cpus,
+            gpus=sim.client_resources.gpus,
             torch_threads=sim.torch_threads,
         )
-        pool.warm()
-        timings["workers"] = n
-        timings["workers_start_s"] = time.perf_counter() - t0
-        sizes = [len(i) for i in fed.train_idx]
-        grid = RayGrid(pool, num_clients=scn.num_clients, cost=lambda cid: 1.0 + sizes[cid])
-        outcome = ServerOutcome()
-        app = build_server_app(scn, fed, outcome, on_round)
-        context = Context(
-            run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
-        )
-        with quiet_flower():
-            app(grid, context)
-        return _finish(outcome, timings)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        stop_ray(started)
-
-
-def _run_flower(scn: Scenario, fed: Federation, on_round: RoundHook | None) -> EngineResult:
-    from flwr.simulation import run_simulation
-
-    sim = scn.simulation
-    # Start Ray ourselves (loopback, no dashboard) so Flower's backend joins it.
-    started, ray_s = start_ray(address=sim.ray_address)
-    try:
-        outcome = ServerOutcome()
-        server_app = build_server_app(scn, fed, outcome, on_round)
-        client_app = build_client_app(scn.model_dump_json())
-        res = sim.client_resources
-        backend_config = {"client_resources": {"num_cpus": res.cpus, "num_gpus": res.gpus}}
-        with quiet_flower():
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=scn.num_clients,
-                backend_config=backend_config,
+        try:
+            pool.warm()
+            self.timings["workers"] = n
+            self.timings["workers_start_s"] = time.perf_counter() - t0
+            sizes = [len(i) for i in fed.train_idx]
+            grid = RayGrid(pool, num_clients=scn.num_clients, cost=lambda cid: 1.0 + sizes[cid])
+            outcome = ServerOutcome()
+            app = build_server_app(scn, fed, outcome, on_round)
+            context = Context(
+                run_id=1,
+                node_id=SUPERLINK_NODE_ID,
+                node_config={},
+                state=RecordDict(),
+                run_config={},
             )
-        return _finish(outcome, {"ray_start_s": ray_s})
-    finally:
-        # Flower's Ray backend shuts Ray down itself; make sure nothing is left over.
-        stop_ray(started)
+            with quiet_flower():
+                app(grid, context)
+            return self._finish(outcome)
+        finally:
+            pool.shutdown()
+
+    def _run_flower(self, fed: Federation, on_round: RoundHook | None) -> EngineResult:
+        from flwr.simulation import run_simulation
+
+        scn = self.scn
+        stop = threading.Event()  # ends the ServerApp thread if the runtime fails
+        outcome = ServerOutcome()
+        server_app = build_server_app(scn, fed, outcome, on_round, stop=stop)
+        client_app = build_client_app(scn.model_dump_json())
+        res = scn.simulation.client_resources
+        backend_config = {"client_resources": {"num_cpus": res.cpus, "num_gpus": res.gpus}}
+        try:
+            with quiet_flower():
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=scn.num_clients,
+                    backend_config=backend_config,
+                )
+        finally:
+            # Flower's ServerApp thread is not a daemon: make sure it ends with us.
+            stop.set()
+        # Flower's Ray backend shuts Ray down itself when it finishes.
+        return self._finish(outcome)

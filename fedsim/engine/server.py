@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,9 @@ def initial_arrays(scn: Scenario, fed: Federation) -> ArrayRecord:
 
 def make_evaluate_fn(scn: Scenario, fed: Federation):
     """Centralized evaluation of the global model on the server's test split."""
-    model = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes)
+    model = build_model(
+        scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
+    )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -48,7 +51,12 @@ class ServerOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_coordinator(scn: Scenario, fed: Federation, on_round: RoundHook | None) -> Coordinator:
+def build_coordinator(
+    scn: Scenario,
+    fed: Federation,
+    on_round: RoundHook | None,
+    stop: threading.Event | None = None,
+) -> Coordinator:
     s = scn.strategy
     return Coordinator(
         strategy=s.build(client_lr=scn.client.lr),
@@ -60,18 +68,24 @@ def build_coordinator(scn: Scenario, fed: Federation, on_round: RoundHook | None
         seed=scn.run.seed,
         evaluate_fn=make_evaluate_fn(scn, fed) if s.centralized_evaluation else None,
         on_round=on_round,
+        stop=stop,
     )
 
 
 def build_server_app(
-    scn: Scenario, fed: Federation, outcome: ServerOutcome, on_round: RoundHook | None = None
+    scn: Scenario,
+    fed: Federation,
+    outcome: ServerOutcome,
+    on_round: RoundHook | None = None,
+    *,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.result = build_coordinator(scn, fed, on_round).run(grid)
+            outcome.result = build_coordinator(scn, fed, on_round, stop).run(grid)
         except BaseException as exc:  # re-raised by the engine after the runtime stops
             outcome.error = exc
 

@@ -14,26 +14,33 @@ from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
 
 
 class LocalPool:
-    """Runs batches in-process: replies carry the client's id as its weights."""
+    """Runs batches in-process: replies carry ``values[cid]`` (default: the id) as weights."""
 
     size = 2
 
-    def __init__(self, fail: set[int] | None = None):
+    def __init__(self, fail: set[int] | None = None, *, reverse: bool = True, values=None):
         self.fail = fail or set()
+        self.reverse = reverse
+        self.values = values or {}
         self.calls: list[list[int]] = []
 
     def run(self, run_id, num_clients, batches, timeout=None):
         out = []
-        for batch in reversed(batches):  # arrive in a scrambled order
+        order = reversed if self.reverse else iter
+        for batch in order(batches):  # replies arrive in a scrambled order
             self.calls.append([cid for cid, _ in batch])
-            for cid, msg in reversed(batch):
+            for cid, msg in order(batch):
                 if cid in self.fail:
                     out.append(Message(Error(2, f"client {cid} broke"), reply_to=msg))
                     continue
                 content = RecordDict(
                     {
-                        "arrays": ArrayRecord({"w": Array(np.array([float(cid)], np.float32))}),
-                        "metrics": MetricRecord({"num-examples": cid + 1, "train_loss": 1.0}),
+                        "arrays": ArrayRecord(
+                            {"w": Array(np.array([self.values.get(cid, cid)], np.float32))}
+                        ),
+                        "metrics": MetricRecord(
+                            {"num-examples": 1 if self.values else cid + 1, "train_loss": 1.0}
+                        ),
                     }
                 )
                 out.append(Message(content, reply_to=msg))
@@ -92,10 +99,16 @@ def test_all_clients_failing_stops_the_run_with_the_reason():
 
 
 def test_reply_order_does_not_change_the_result():
-    # The pool returns replies in reverse order; FedAvg sums in client-id order anyway.
-    a = _coordinator(num_clients=6, cohort=6).run(RayGrid(LocalPool(), num_clients=6))
-    b = _coordinator(num_clients=6, cohort=6).run(RayGrid(LocalPool(), num_clients=6))
-    assert a.arrays["w"].numpy().tobytes() == b.arrays["w"].numpy().tobytes()
+    # float32 sums of these values depend on the order: 1e8 swallows the small terms.
+    values = {0: 1e8, 1: 1.0, 2: -1e8, 3: 1.0}
+    results = [
+        _coordinator(num_clients=4, cohort=4)
+        .run(RayGrid(LocalPool(reverse=rev, values=values), num_clients=4))
+        .arrays["w"]
+        .numpy()
+        for rev in (False, True)
+    ]
+    assert results[0].tobytes() == results[1].tobytes()
 
 
 def test_directory_maps_both_ways():
