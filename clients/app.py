@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.training import evaluate_model, pick_device, train_local
-from fedsim.data import Federation, load_federation
+from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
 from fedsim.rng import torch_generator
 
@@ -29,7 +29,7 @@ PARTITION_ID = "partition-id"
 @dataclass
 class _Env:
     scenario: Any  # fedsim.scenario.Scenario (imported lazily: it imports this package)
-    federation: Federation
+    federation: AnyFederation
     model: torch.nn.Module
     device: torch.device
 
@@ -77,12 +77,12 @@ def build_client_app(spec_json: str) -> ClientApp:
         server_round = int(config.get("server-round", 0))
         mu = float(config.get("proximal-mu", scn.client.mu))
         _load_arrays(env, msg)
-        idx = fed.train_idx[cid]
+        x, y = fed.train_data(cid)
         c = scn.client
         res = train_local(
             env.model,
-            fed.x[idx],
-            fed.y[idx],
+            x,
+            y,
             epochs=c.epochs,
             batch_size=c.batch_size,
             lr=c.lr,
@@ -108,11 +108,11 @@ def build_client_app(spec_json: str) -> ClientApp:
         fed = env.federation
         cid = _client_id(context)
         _load_arrays(env, msg)
-        idx = fed.test_idx[cid]
+        x, y = fed.test_data(cid)
         res = evaluate_model(
             env.model,
-            fed.x[idx],
-            fed.y[idx],
+            x,
+            y,
             batch_size=env.scenario.client.eval_batch_size,
             device=env.device,
         )

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.data import Federation, load_federation, partition_summary
+import numpy as np
+
+from fedsim.data import AnyFederation as Federation
+from fedsim.data import load_federation, partition_summary
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, count_parameters
 from fedsim.plots import plot_curves, plot_label_heatmap
@@ -51,10 +54,10 @@ def prepare(scn: Scenario) -> tuple[Federation, int]:
         )
     except ValueError as exc:
         raise ScenarioError([("model.name", str(exc))]) from None
-    empty = [i for i, idx in enumerate(fed.train_idx) if len(idx) == 0]
-    if empty:
+    empty = np.flatnonzero(fed.train_sizes() == 0)
+    if empty.size:
         raise ScenarioError(
-            [("data.partition", f"{len(empty)} client(s) get no training data (e.g. {empty[0]})")]
+            [("data.partition", f"{empty.size} client(s) get no training data (e.g. {empty[0]})")]
         )
     return fed, count_parameters(model)
 

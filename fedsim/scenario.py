@@ -106,6 +106,8 @@ class Scenario(Section):
 
     @property
     def eval_cohort(self) -> int:
+        if self.strategy.evaluate_trained_clients:
+            return self.train_cohort
         e = self.strategy.evaluate_clients_per_round
         return self.train_cohort if e is None else e
 
@@ -261,6 +263,13 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
     e = s.evaluate_clients_per_round
     if e is not None and e > n:
         problems.append(("strategy.evaluate_clients_per_round", f"{e} > data.num_clients ({n})"))
+    if s.evaluate_trained_clients and e is not None:
+        problems.append(
+            (
+                "strategy.evaluate_clients_per_round",
+                "not used with evaluate_trained_clients = true (the trained clients evaluate)",
+            )
+        )
     problems += s.check(cohort_size=min(scn.train_cohort, n))
     if s.name == "fedprox" and scn.client.mu > 0:
         problems.append(

@@ -62,6 +62,13 @@ class StrategyParams(Section):
             "use clients_per_round; 0 turns federated evaluation off."
         ),
     )
+    evaluate_trained_clients: bool = Field(
+        False,
+        description=(
+            "Evaluate on exactly the clients that trained this round (after training), "
+            "instead of sampling evaluate_clients_per_round clients."
+        ),
+    )
     centralized_evaluation: bool = Field(
         True,
         description="Evaluate the global model on the server's test split every round.",

@@ -8,7 +8,9 @@ Per-client shards are index arrays into one shared pool. Datasets live in
 
 from fedsim.data.digits import DigitsData
 from fedsim.data.federation import DATASETS, Federation
+from fedsim.data.generated import GeneratedData, GeneratedFederation
 from fedsim.data.loading import (
+    AnyFederation,
     DataSpec,
     clear_federation_cache,
     load_federation,
@@ -27,6 +29,9 @@ from fedsim.data.partition import (
 from fedsim.data.synthetic import SyntheticData
 
 __all__ = [
+    "AnyFederation",
+    "GeneratedData",
+    "GeneratedFederation",
     "DATASETS",
     "PARTITIONERS",
     "DataSpec",

@@ -77,6 +77,21 @@ class Federation:
     def num_clients(self) -> int:
         return len(self.train_idx)
 
+    # The per-client interface every federation offers (see also GeneratedFederation).
+    def train_data(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.train_idx[cid]
+        return self.x[idx], self.y[idx]
+
+    def test_data(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.test_idx[cid]
+        return self.x[idx], self.y[idx]
+
+    def train_sizes(self) -> np.ndarray:
+        return np.array([i.size for i in self.train_idx], dtype=np.int64)
+
+    def test_sizes(self) -> np.ndarray:
+        return np.array([i.size for i in self.test_idx], dtype=np.int64)
+
 
 class Partitioner(Protocol):
     """What a partition parameter model offers (see ``fedsim.data.partition``)."""

@@ -11,19 +11,26 @@ from pydantic import Field
 
 from fedsim.data.digits import DigitsData
 from fedsim.data.federation import Federation
+from fedsim.data.generated import GeneratedData, GeneratedFederation
 from fedsim.data.mnist import MnistData
 from fedsim.data.synthetic import SyntheticData
 
-DataSpec = Annotated[SyntheticData | DigitsData | MnistData, Field(discriminator="dataset")]
+DataSpec = Annotated[
+    SyntheticData | DigitsData | MnistData | GeneratedData, Field(discriminator="dataset")
+]
+AnyFederation = Federation | GeneratedFederation
+
+#: partitions.json lists every client up to this many, else an even sample of them.
+SUMMARY_MAX_CLIENTS = 10_000
 
 #: A Ray worker hosts clients of one run (at most two scenarios side by side in tests).
 CACHE_SIZE = 2
 
-_cache: OrderedDict[tuple[str, int], Federation] = OrderedDict()
+_cache: OrderedDict[tuple[str, int], AnyFederation] = OrderedDict()
 _lock = threading.Lock()
 
 
-def load_federation(spec: DataSpec, *, seed: int) -> Federation:
+def load_federation(spec: DataSpec, *, seed: int) -> AnyFederation:
     """Load ``spec`` with ``seed``, once per process: later calls return the same object.
 
     Keyed by ``(spec.model_dump_json(), seed)``; the least recently used of more than
@@ -48,17 +55,31 @@ def clear_federation_cache() -> None:
         _cache.clear()
 
 
-def partition_summary(fed: Federation) -> dict[str, Any]:
-    """JSON-ready sizes and train label histograms per client."""
+def partition_summary(fed: AnyFederation) -> dict[str, Any]:
+    """JSON-ready sizes and train label histograms per client.
+
+    Beyond ``SUMMARY_MAX_CLIENTS`` clients, an even sample of them (``"sampled": true``).
+    """
+    n = fed.num_clients
+    if n > SUMMARY_MAX_CLIENTS:
+        ids = np.unique(np.linspace(0, n - 1, SUMMARY_MAX_CLIENTS).round().astype(np.int64))
+    else:
+        ids = np.arange(n)
+    test_sizes = fed.test_sizes()
     clients = []
-    for i, (train, test) in enumerate(zip(fed.train_idx, fed.test_idx, strict=True)):
-        hist = np.bincount(fed.y[train], minlength=fed.num_classes)
+    for i in ids.tolist():
+        _, y = fed.train_data(i)
         clients.append(
             {
                 "client_id": i,
-                "train_size": int(train.size),
-                "test_size": int(test.size),
-                "label_histogram": [int(c) for c in hist],
+                "train_size": int(y.size),
+                "test_size": int(test_sizes[i]),
+                "label_histogram": [int(c) for c in np.bincount(y, minlength=fed.num_classes)],
             }
         )
-    return {"num_clients": fed.num_clients, "num_classes": int(fed.num_classes), "clients": clients}
+    return {
+        "num_clients": n,
+        "num_classes": int(fed.num_classes),
+        "sampled": bool(ids.size < n),
+        "clients": clients,
+    }

@@ -199,6 +199,7 @@ class Coordinator:
         on_round: RoundHook | None = None,
         reply_timeout_s: float | None = None,
         stop: threading.Event | None = None,
+        evaluate_trained: bool = False,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -211,6 +212,7 @@ class Coordinator:
         self.on_round = on_round
         self.reply_timeout_s = reply_timeout_s
         self.stop = stop
+        self.evaluate_trained = evaluate_trained
 
     def sample(self, server_round: int, phase: str, k: int) -> list[int]:
         """k distinct client ids, sorted, drawn from the run seed for this round/phase."""
@@ -276,7 +278,10 @@ class Coordinator:
 
             client_eval: MetricRecord | None = None
             if self.eval_cohort > 0:
-                ecids = self.sample(rnd, "evaluate", self.eval_cohort)
+                if self.evaluate_trained:
+                    ecids = cids
+                else:
+                    ecids = self.sample(rnd, "evaluate", self.eval_cohort)
                 view = SubsetGrid(grid, [directory.node_of(c) for c in ecids])
                 with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 1)):
                     emsgs = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), view)

@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from clients.app import build_client_app
-from fedsim.data import Federation
+from fedsim.data import AnyFederation as Federation
 from fedsim.engine.coordinator import CoordinatorResult, RoundHook
 from fedsim.engine.grid import RayGrid
 from fedsim.engine.pool import WorkerPool
@@ -99,8 +99,10 @@ class Engine:
             pool.warm()
             self.timings["workers"] = n
             self.timings["workers_start_s"] = time.perf_counter() - t0
-            sizes = [len(i) for i in fed.train_idx]
-            grid = RayGrid(pool, num_clients=scn.num_clients, cost=lambda cid: 1.0 + sizes[cid])
+            sizes = fed.train_sizes()
+            grid = RayGrid(
+                pool, num_clients=scn.num_clients, cost=lambda cid: 1.0 + float(sizes[cid])
+            )
             outcome = ServerOutcome()
             app = build_server_app(scn, fed, outcome, on_round)
             context = Context(

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate_model
-from fedsim.data import Federation
+from fedsim.data import AnyFederation as Federation
 from fedsim.engine.coordinator import Coordinator, CoordinatorResult, RoundHook
 from fedsim.models import build_model
 
@@ -69,6 +69,7 @@ def build_coordinator(
         evaluate_fn=make_evaluate_fn(scn, fed) if s.centralized_evaluation else None,
         on_round=on_round,
         stop=stop,
+        evaluate_trained=s.evaluate_trained_clients,
     )
 
 

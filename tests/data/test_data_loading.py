@@ -25,10 +25,10 @@ ADAPTER = TypeAdapter(DataSpec)
 
 
 def test_registry_lists_known_datasets() -> None:
-    assert DATASETS.names() == ["digits", "mnist", "synthetic"]
+    assert DATASETS.names() == ["digits", "generated", "mnist", "synthetic"]
     assert DATASETS.get("digits") is DigitsData
     with pytest.raises(
-        ValueError, match="unknown dataset 'cifar'; known: digits, mnist, synthetic"
+        ValueError, match="unknown dataset 'cifar'; known: digits, generated, mnist, synthetic"
     ):
         DATASETS.get("cifar")
 
