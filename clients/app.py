@@ -32,6 +32,8 @@ class _Env:
     federation: AnyFederation
     model: torch.nn.Module
     device: torch.device
+    last_record: ArrayRecord | None = None
+    last_state: dict[str, torch.Tensor] | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,8 +62,13 @@ def _client_id(context: Context) -> int:
 
 
 def _load_arrays(env: _Env, msg: Message) -> None:
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
-    env.model.load_state_dict(state)
+    record = msg.content.array_records["arrays"]
+    # Every message of a batch carries the same ArrayRecord object (the global model):
+    # deserialise it once per batch, not once per client.
+    if env.last_record is not record:
+        env.last_state = record.to_torch_state_dict()
+        env.last_record = record
+    env.model.load_state_dict(env.last_state)
 
 
 def build_client_app(spec_json: str) -> ClientApp:

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.engine.fold import fold_weighted_mean, num_examples
 from fedsim.rng import int_seed, np_rng
 
 log = logging.getLogger("fedsim")
@@ -169,6 +170,14 @@ class ClientDirectory:
         return cls(node_of)
 
 
+def sample_clients(seed: int, server_round: int, phase: str, k: int, num_clients: int) -> list[int]:
+    """k distinct client ids, sorted, drawn from the run seed for this round and phase."""
+    if k >= num_clients:
+        return list(range(num_clients))
+    rng = np_rng(seed, f"sample-{phase}", server_round)
+    return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+
 @dataclass
 class CoordinatorResult:
     arrays: ArrayRecord
@@ -200,6 +209,7 @@ class Coordinator:
         reply_timeout_s: float | None = None,
         stop: threading.Event | None = None,
         evaluate_trained: bool = False,
+        fold_train: bool = False,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -213,13 +223,11 @@ class Coordinator:
         self.reply_timeout_s = reply_timeout_s
         self.stop = stop
         self.evaluate_trained = evaluate_trained
+        # Hand a weighted-mean strategy one folded reply instead of the whole cohort.
+        self.fold_train = fold_train
 
     def sample(self, server_round: int, phase: str, k: int) -> list[int]:
-        """k distinct client ids, sorted, drawn from the run seed for this round/phase."""
-        if k >= self.num_clients:
-            return list(range(self.num_clients))
-        rng = np_rng(self.seed, f"sample-{phase}", server_round)
-        return sorted(int(c) for c in rng.choice(self.num_clients, size=k, replace=False))
+        return sample_clients(self.seed, server_round, phase, k, self.num_clients)
 
     def _exchange(
         self,
@@ -228,7 +236,7 @@ class Coordinator:
         messages: Iterable[Message],
         phase: str,
         server_round: int,
-    ) -> tuple[list[Message], int, int]:
+    ) -> tuple[list[Message], int, int, list[Message]]:
         msgs = list(messages)
         replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
         replies.sort(key=lambda m: directory.client_of(m.metadata.src_node_id))
@@ -248,7 +256,7 @@ class Coordinator:
                 len(errors),
                 errors[0].error.reason.strip().splitlines()[-1:],
             )
-        return replies, ok, failed
+        return replies, ok, failed, msgs
 
     def run(self, grid: Grid) -> CoordinatorResult:
         directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
@@ -267,7 +275,10 @@ class Coordinator:
             view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
             with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 0)):
                 msgs = self.strategy.configure_train(rnd, arrays, ConfigRecord(), view)
-            replies, ok, failed = self._exchange(grid, directory, msgs, "train", rnd)
+            replies, ok, failed, sent = self._exchange(grid, directory, msgs, "train", rnd)
+            if self.fold_train:
+                folded = fold_weighted_mean(replies, with_arrays=True, reply_to=sent[0])
+                replies = [folded] if folded is not None else []
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -285,15 +296,13 @@ class Coordinator:
                 view = SubsetGrid(grid, [directory.node_of(c) for c in ecids])
                 with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 1)):
                     emsgs = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), view)
-                ereplies, _, _ = self._exchange(grid, directory, emsgs, "evaluate", rnd)
+                ereplies, _, _, esent = self._exchange(grid, directory, emsgs, "evaluate", rnd)
                 # A client with an empty held-out split has nothing to report.
-                ereplies = [
-                    r
-                    for r in ereplies
-                    if r.has_error() or r.content.metric_records["metrics"]["num-examples"] > 0
-                ]
-                if any(not r.has_error() for r in ereplies):
-                    client_eval = self.strategy.aggregate_evaluate(rnd, ereplies)
+                ereplies = [r for r in ereplies if not r.has_error() and num_examples(r) > 0]
+                # Every Flower strategy averages evaluation metrics by num-examples.
+                folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
+                if folded is not None:
+                    client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
             record["client_eval_loss"] = _get(client_eval, "eval_loss")
             record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
 

@@ -70,6 +70,7 @@ def build_coordinator(
         on_round=on_round,
         stop=stop,
         evaluate_trained=s.evaluate_trained_clients,
+        fold_train=type(s).weighted_mean,
     )
 
 

@@ -1,0 +1,112 @@
+"""One measurement in its own process: ``python -m benchmarks.contender WORKLOAD CONTENDER``.
+
+Prints one JSON line: per-round wall seconds and start-up timings. The parent process
+(``benchmarks.run``) samples this process tree's memory meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def run_pure(workload: str, rounds: int) -> dict:
+    """The physical reference: the same work in one process, one core, no framework.
+
+    Same cohorts (the coordinator's sampler), same generated data, model, initial
+    weights, local training, evaluation on each trained client's held-out data, and an
+    example-weighted average of the trained weights, exactly as FedAvg computes it.
+    """
+    import numpy as np
+    import torch
+
+    from benchmarks.workloads import WORKLOADS
+    from clients.training import evaluate_model, train_local
+    from fedsim.data import load_federation
+    from fedsim.engine.coordinator import sample_clients
+    from fedsim.models import build_model
+    from fedsim.rng import torch_generator
+
+    torch.set_num_threads(1)
+    scn = WORKLOADS[workload].scenario(rounds)
+    seed, c = scn.run.seed, scn.client
+    fed = load_federation(scn.data, seed=seed)
+    model = build_model(
+        scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=seed
+    )
+    global_np = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    round_s = []
+    for rnd in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        cids = sample_clients(seed, rnd, "train", scn.train_cohort, scn.num_clients)
+        start = {k: torch.from_numpy(v) for k, v in global_np.items()}
+        acc = {k: np.zeros_like(v) for k, v in global_np.items()}
+        total = 0
+        for cid in cids:
+            model.load_state_dict(start)
+            x, y = fed.train_data(cid)
+            res = train_local(
+                model,
+                x,
+                y,
+                epochs=c.epochs,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                momentum=c.momentum,
+                weight_decay=c.weight_decay,
+                mu=c.mu,
+                generator=torch_generator(seed, "batch", rnd, cid),
+            )
+            xt, yt = fed.test_data(cid)
+            evaluate_model(model, xt, yt, batch_size=c.eval_batch_size)
+            for k, v in model.state_dict().items():
+                acc[k] += v.numpy() * np.float32(res.num_examples)
+            total += res.num_examples
+        global_np = {k: v / np.float32(total) for k, v in acc.items()}
+        round_s.append(time.perf_counter() - t0)
+    return {"round_s": round_s, "ray_start_s": 0.0, "workers": 1}
+
+
+def run_engine(workload: str, engine: str, rounds: int) -> dict:
+    from benchmarks.workloads import WORKLOADS
+    from fedsim.results import read_metrics
+    from fedsim.runner import execute
+
+    scn = WORKLOADS[workload].scenario(rounds, engine)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = execute(scn, out=Path(tmp) / "run")
+        records = read_metrics(out.out_dir)
+    s = out.summary
+    return {
+        "round_s": [r["round_wall_s"] for r in records],
+        "ray_start_s": s.get("ray_start_s", 0.0),
+        "workers": s.get("workers", 0),
+        "workers_start_s": s.get("workers_start_s", 0.0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("workload")
+    p.add_argument("contender", choices=["pure", "fedsim", "flower"])
+    p.add_argument("--rounds", type=int, default=6)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.contender == "pure":
+        res = run_pure(a.workload, a.rounds)
+    else:
+        res = run_engine(a.workload, a.contender, a.rounds)
+    res["process_s"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Side-by-side performance harness: ``python -m benchmarks.run [--quick] [--json PATH]``.
+
+Every measurement runs in a fresh process (``benchmarks.contender``), so Ray start,
+first-round latency and memory are those a user sees. Contenders alternate within each
+repetition (pure, fedsim, flower, pure, fedsim, ...), so drift in the machine's speed
+hits all of them alike. Reported numbers are medians over repetitions.
+
+Memory is the peak PSS (proportional set size: shared pages divided among the
+processes sharing them) summed over the whole process tree, i.e. the driver plus Ray's
+GCS, raylet and every worker, sampled every 250 ms from /proc (sparse, so the sampler itself barely
+loads the 2 cores it measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.workloads import QUICK, WORKLOADS
+
+TARGETS = {
+    "tiny fedsim/ideal <= 1.5": ("tiny-100of1k", "fedsim_over_ideal", "<=", 1.5),
+    "tiny flower/fedsim >= 8": ("tiny-100of1k", "flower_over_fedsim", ">=", 8.0),
+    "cnn fedsim/ideal <= 1.1": ("cnn", "fedsim_over_ideal", "<=", 1.1),
+    "fixed cost per round <= 20 ms": ("derived", "fixed_ms_per_round", "<=", 20.0),
+    "first round <= 2x steady": ("tiny-100of1k", "fedsim_first_over_steady", "<=", 2.0),
+    "1M population round within 15%": ("derived", "population_1M_over_1k", "<=", 1.15),
+    "dormant client <= 1 KB on driver": ("derived", "dormant_bytes_per_client", "<=", 1024.0),
+    "tiny peak tree memory <= 1.6 GB": ("tiny-100of1k", "fedsim_peak_tree_mb", "<=", 1600.0),
+}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    kids, out, todo = _children_map(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+class MemorySampler(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_tree_kb = self.peak_driver_kb = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            pids = _tree(self.pid)
+            self.peak_tree_kb = max(self.peak_tree_kb, sum(_pss_kb(p) for p in pids))
+            self.peak_driver_kb = max(self.peak_driver_kb, _pss_kb(self.pid))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def measure(workload: str, contender: str, rounds: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.contender", workload, contender, f"--rounds={rounds}"]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    sampler = MemorySampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.stop()
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{workload}/{contender} failed ({proc.returncode}): {err[-2000:]}")
+    res = json.loads(line.removeprefix("RESULT "))
+    steady = res["round_s"][1:] or res["round_s"]
+    res.update(
+        steady_s=statistics.median(steady),
+        first_s=res["round_s"][0],
+        wall_s=wall,
+        peak_tree_mb=sampler.peak_tree_kb / 1024,
+        peak_driver_mb=sampler.peak_driver_kb / 1024,
+    )
+    return res
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def summarise(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    scn = WORKLOADS[workload].scenario(2)
+    k = scn.train_cohort
+    row: dict[str, Any] = {
+        "workload": workload,
+        "clients_per_round": k,
+        "population": scn.num_clients,
+    }
+    for name, rs in runs.items():
+        row[f"{name}_steady_s"] = _median(rs, "steady_s")
+        row[f"{name}_ms_per_client_round"] = 1000 * row[f"{name}_steady_s"] / k
+        row[f"{name}_first_s"] = _median(rs, "first_s")
+        row[f"{name}_first_over_steady"] = row[f"{name}_first_s"] / row[f"{name}_steady_s"]
+        row[f"{name}_ray_start_s"] = _median(rs, "ray_start_s")
+        row[f"{name}_peak_tree_mb"] = _median(rs, "peak_tree_mb")
+        row[f"{name}_peak_driver_mb"] = _median(rs, "peak_driver_mb")
+        row[f"{name}_runs"] = len(rs)
+    if "pure" in runs and "fedsim" in runs:
+        workers = max(1, int(_median(runs["fedsim"], "workers")))
+        row["workers"] = workers
+        row["ideal_s"] = row["pure_steady_s"] / workers
+        row["fedsim_over_ideal"] = row["fedsim_steady_s"] / row["ideal_s"]
+    if "flower" in runs and "fedsim" in runs:
+        row["flower_over_fedsim"] = row["flower_steady_s"] / row["fedsim_steady_s"]
+    return row
+
+
+def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    a, b = rows.get("tiny-100of1k"), rows.get("tiny-1kof1k")
+    if a and b and "fedsim_steady_s" in a and "fedsim_steady_s" in b:
+        per_client = (b["fedsim_steady_s"] - a["fedsim_steady_s"]) / (
+            b["clients_per_round"] - a["clients_per_round"]
+        )
+        out["fixed_ms_per_round"] = 1000 * (
+            a["fedsim_steady_s"] - per_client * a["clients_per_round"]
+        )
+    m = rows.get("tiny-100of1M")
+    if a and m and "fedsim_steady_s" in m:
+        out["population_1M_over_1k"] = m["fedsim_steady_s"] / a["fedsim_steady_s"]
+        extra = (m["fedsim_peak_driver_mb"] - a["fedsim_peak_driver_mb"]) * 2**20
+        out["dormant_bytes_per_client"] = max(0.0, extra) / (m["population"] - a["population"])
+    return out
+
+
+def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any]) -> dict[str, Any]:
+    results = {}
+    for label, (where, key, op, bound) in TARGETS.items():
+        src = derived if where == "derived" else rows.get(where, {})
+        value = src.get(key)
+        ok = None if value is None else (value <= bound if op == "<=" else value >= bound)
+        results[label] = {"value": value, "ok": ok}
+    return results
+
+
+# ------------------------------------------------------------------------- output
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    head = (
+        f"{'workload':<14}{'K/N':>12}{'contender':>10}{'s/round':>9}{'ms/cl-rd':>9}"
+        f"{'1st rd s':>9}{'ray s':>7}{'peak MB':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        kn = f"{r['clients_per_round']}/{r['population']}"
+        for c in ("pure", "fedsim", "flower"):
+            if f"{c}_steady_s" not in r:
+                continue
+            lines.append(
+                f"{name:<14}{kn:>12}{c:>10}{r[f'{c}_steady_s']:>9.3f}"
+                f"{r[f'{c}_ms_per_client_round']:>9.2f}{r[f'{c}_first_s']:>9.3f}"
+                f"{r[f'{c}_ray_start_s']:>7.2f}{r[f'{c}_peak_tree_mb']:>9.0f}"
+            )
+        ratios = []
+        if "fedsim_over_ideal" in r:
+            ratios.append(
+                f"ideal {r['ideal_s']:.3f} s ({r['workers']} workers), "
+                f"fedsim/ideal {r['fedsim_over_ideal']:.2f}x"
+            )
+        if "flower_over_fedsim" in r:
+            ratios.append(f"flower/fedsim {r['flower_over_fedsim']:.1f}x")
+        if ratios:
+            lines.append(f"{'':<14}{'':>12}  -> " + "; ".join(ratios))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="fewer rounds, 1 repetition, no Flower on 1k cohorts"
+    )
+    p.add_argument("--json", type=Path, help="write all results to this file")
+    p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, help="rounds per run (default 6, quick 3)")
+    p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")
+    p.add_argument("--contenders", default="pure,fedsim,flower")
+    a = p.parse_args(argv)
+    reps = a.reps or (1 if a.quick else 3)
+    rounds = a.rounds or (3 if a.quick else 6)
+    names = a.workloads.split(",") if a.workloads else list(QUICK if a.quick else WORKLOADS)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    wanted = set(a.contenders.split(","))
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in names:
+        contenders = [c for c in WORKLOADS[name].contenders if c in wanted]
+        if a.quick and name == "tiny-1kof1k":
+            contenders = [c for c in contenders if c != "flower"]
+        raw[name] = {c: [] for c in contenders}
+        for rep in range(reps):
+            for c in contenders:
+                print(f"[{name}] {c} run {rep + 1}/{reps} ...", file=sys.stderr, flush=True)
+                raw[name][c].append(measure(name, c, rounds))
+    rows = {n: summarise(n, r) for n, r in raw.items()}
+    derived = derive(rows)
+    targets = check_targets(rows, derived)
+    print(table(rows))
+    print()
+    for k, v in derived.items():
+        print(f"{k}: {v:.3f}")
+    for label, t in targets.items():
+        mark = "n/a" if t["ok"] is None else ("PASS" if t["ok"] else "FAIL")
+        print(f"[{mark}] {label}: {_fmt(t['value'], '.3f')}")
+    if a.json:
+        meta = {"argv": sys.argv[1:], "cpus": os.cpu_count(), "reps": reps, "rounds": rounds}
+        doc = {"meta": meta, "rows": rows, "derived": derived, "targets": targets, "raw": raw}
+        a.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Benchmark workloads: each is a scenario (as --set overrides of bench_tiny.toml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsim.scenario import Scenario, load_scenario
+
+BENCH_TINY = Path(__file__).resolve().parents[1] / "scenarios" / "bench_tiny.toml"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    overrides: tuple[str, ...] = ()
+    contenders: tuple[str, ...] = ("pure", "fedsim", "flower")
+    note: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def scenario(self, rounds: int, engine: str = "fedsim") -> Scenario:
+        return load_scenario(
+            BENCH_TINY, [*self.overrides, f"run.rounds={rounds}", f"simulation.engine={engine}"]
+        )
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("tiny-100of1k", note="logreg 784-10, 50 ex/client, B=10, E=1; 100 of 1,000"),
+        Workload(
+            "tiny-1kof1k",
+            ("strategy.clients_per_round=1000",),
+            note="as tiny, all 1,000 clients every round",
+        ),
+        Workload(
+            "mlp",
+            ("model.name=mlp", "model.hidden=[128]"),
+            note="MLP 784-128-10, otherwise as tiny-100of1k",
+        ),
+        Workload(
+            "cnn",
+            (
+                "model.name=cnn",
+                "data.input_shape=[1,28,28]",
+                "data.num_clients=100",
+                "strategy.clients_per_round=20",
+            ),
+            contenders=("pure", "fedsim"),
+            note="McMahan CNN on 28x28, 50 ex/client, B=10, E=1; 20 of 100 (compute-bound)",
+        ),
+        Workload(
+            "tiny-100of1M",
+            ("data.num_clients=1000000",),
+            contenders=("fedsim",),
+            note="as tiny-100of1k with a population of 1,000,000",
+        ),
+    )
+}
+
+QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M")
