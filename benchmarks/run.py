@@ -7,7 +7,7 @@ hits all of them alike. Reported numbers are medians over repetitions.
 
 Memory is the peak PSS (proportional set size: shared pages divided among the
 processes sharing them) summed over the whole process tree, i.e. the driver plus Ray's
-GCS, raylet and every worker, sampled every 250 ms from /proc (sparse, so the sampler itself barely
+GCS, raylet and every worker, sampled every second from /proc (sparse, so the sampler itself barely
 loads the 2 cores it measures).
 """
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workloads import QUICK, WORKLOADS
+from benchmarks.workloads import FULL, QUICK, WORKLOADS
 
 TARGETS = {
     "tiny fedsim/ideal <= 1.5": ("tiny-100of1k", "fedsim_over_ideal", "<=", 1.5),
@@ -77,7 +77,7 @@ def _tree(root: int) -> list[int]:
 
 
 class MemorySampler(threading.Thread):
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_tree_kb = self.peak_driver_kb = 0
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     reps = a.reps or (1 if a.quick else 3)
     rounds = a.rounds or (3 if a.quick else 6)
-    names = a.workloads.split(",") if a.workloads else list(QUICK if a.quick else WORKLOADS)
+    names = a.workloads.split(",") if a.workloads else list(QUICK if a.quick else FULL)
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         p.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")

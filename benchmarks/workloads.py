@@ -55,7 +55,13 @@ WORKLOADS: dict[str, Workload] = {
             contenders=("fedsim",),
             note="as tiny-100of1k with a population of 1,000,000",
         ),
+        Workload(
+            "smoke",
+            ("data.num_clients=4", "strategy.clients_per_round=2"),
+            note="CI smoke test of the harness: 2 of 4 clients",
+        ),
     )
 }
 
 QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M")
+FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M")

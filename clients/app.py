@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.training import evaluate_model, pick_device, train_local
@@ -71,6 +72,28 @@ def _load_arrays(env: _Env, msg: Message) -> None:
     env.model.load_state_dict(env.last_state)
 
 
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _to_array(t: torch.Tensor) -> Array:
+    """``Array(ndarray)`` with the same bytes, minus np.save's per-call header work."""
+    a = t.detach().cpu().numpy()
+    if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        a = a.copy(order="C")
+    key = (a.dtype.str, a.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        ref = Array(a)  # Flower's own serialisation, once per dtype and shape
+        header = _NPY_HEADERS[key] = ref.data[: len(ref.data) - a.nbytes]
+    return Array(
+        dtype=str(a.dtype), shape=a.shape, stype="numpy.ndarray", data=header + a.tobytes()
+    )
+
+
+def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: _to_array(v) for k, v in state.items()})
+
+
 def build_client_app(spec_json: str) -> ClientApp:
     """A ClientApp for the scenario given as ``Scenario.model_dump_json()``."""
     app = ClientApp()
@@ -101,7 +124,7 @@ def build_client_app(spec_json: str) -> ClientApp:
         )
         content = RecordDict(
             {
-                "arrays": ArrayRecord(env.model.state_dict()),
+                "arrays": to_array_record(env.model.state_dict()),
                 "metrics": MetricRecord(
                     {"num-examples": res.num_examples, "train_loss": res.train_loss}
                 ),

@@ -17,6 +17,15 @@ from flwr.common.constant import ErrorCode
 
 Batch = list[tuple[int, Message]]  # (client id, instruction)
 
+# glibc serves allocations above a dynamic threshold with mmap and unmaps them on free,
+# so every round of a large model pays page faults until the threshold has crept up
+# (measured: the CNN workload's worker phase fell from 1.22 s to 0.76 s over 5 rounds).
+# Fixed thresholds keep freed model-sized buffers for reuse from the first round on.
+WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+}
+
 
 class ClientWorker:
     """Ray actor body: runs the scenario's Flower ClientApp on batches of messages."""
@@ -85,7 +94,7 @@ class WorkerPool:
     ) -> None:
         self._make = lambda: (
             ray.remote(ClientWorker)
-            .options(num_cpus=cpus, num_gpus=gpus)
+            .options(num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV})
             .remote(spec_json, torch_threads)
         )
         self.actors = [self._make() for _ in range(num_workers)]

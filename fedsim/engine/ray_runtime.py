@@ -33,8 +33,11 @@ def start_ray(*, address: str | None = None) -> tuple[bool, float]:
         _check_reachable(address)
         ray.init(address=address, **common)
     else:
-        # A private single-machine cluster bound to loopback.
-        ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **common)
+        # A private single-machine cluster bound to loopback ("local": never the
+        # cluster a stray RAY_ADDRESS variable points at).
+        ray.init(
+            address="local", num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **common
+        )
     if main and on_term is not None:
         signal.signal(signal.SIGTERM, on_term)
     return True, time.perf_counter() - t0

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import ray
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
@@ -64,6 +65,7 @@ class Engine:
             res = sim.client_resources
             workers = sim.num_workers if sim.engine == "fedsim" else None
             self.fit = check_fit(cpus=res.cpus, gpus=res.gpus, num_workers=workers)
+            self.timings["ray_nodes"] = sum(1 for n in ray.nodes() if n.get("Alive"))
         except BaseException:
             stop_ray(self._started)
             raise

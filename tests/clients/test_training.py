@@ -203,3 +203,21 @@ def test_pick_device() -> None:
     assert pick_device(0) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device(0.25).type == expected
+
+
+def test_fast_array_record_is_byte_identical_to_flowers():
+    import torch as _torch
+    from flwr.app import ArrayRecord as _AR
+
+    from clients.app import to_array_record
+
+    state = {
+        "w": _torch.randn(3, 5),
+        "b": _torch.arange(4, dtype=_torch.int64),
+        "s": _torch.tensor(2.5),
+    }
+    ours, ref = to_array_record(state), _AR(state)
+    for k in state:
+        assert ours[k].data == ref[k].data and ours[k].shape == ref[k].shape
+        assert ours[k].dtype == ref[k].dtype and ours[k].stype == ref[k].stype
+    assert _torch.equal(ours.to_torch_state_dict()["w"], state["w"])
