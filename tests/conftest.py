@@ -22,6 +22,7 @@ def _init_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster some other test or user started
             num_cpus=2,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

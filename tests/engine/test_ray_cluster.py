@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def _wait_nodes(address: str, n: int, timeout: float = 90.0) -> None:
 
 @pytest.mark.skipif(not RAY.exists(), reason="ray CLI not installed")
 def test_scenario_runs_on_an_existing_two_node_cluster(tmp_path):
+    # `ray start` records its address in this file; put back what was there before.
+    current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    before = current.read_bytes() if current.exists() else None
     port = _free_port()
     address = f"127.0.0.1:{port}"
     procs = [
@@ -118,3 +122,7 @@ def test_scenario_runs_on_an_existing_two_node_cluster(tmp_path):
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_bytes(before)
