@@ -12,14 +12,18 @@ import numpy as np
 from pydantic import Field
 from sklearn.datasets import load_digits
 
-from fedsim.data.federation import DATASETS, Federation, build_federation, stratified_split
-from fedsim.data.partition import IidPartition, PartitionSpec
+from fedsim.data.federation import (
+    DATASETS,
+    Federation,
+    PartitionedData,
+    build_federation,
+    stratified_split,
+)
 from fedsim.rng import np_rng
-from fedsim.sections import Section
 
 
 @DATASETS.register("digits")
-class DigitsData(Section):
+class DigitsData(PartitionedData):
     """sklearn digits: a stratified server test split; the rest is partitioned."""
 
     dataset: Literal["digits"] = Field(
@@ -32,16 +36,6 @@ class DigitsData(Section):
         lt=1,
         description="Fraction of the 1,797 images held by the server as a stratified "
         "centralised test split; the partition covers the rest.",
-    )
-    client_test_fraction: float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="Fraction of each client's shard kept back for local evaluation.",
-    )
-    partition: PartitionSpec = Field(
-        default_factory=IidPartition,
-        description="How the pool is split among clients (table with a 'kind' key).",
     )
 
     def load(self, *, seed: int) -> Federation:

@@ -12,14 +12,30 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from pydantic import Field
 
-from fedsim.data.partition import PartitionError, largest_remainder
+from fedsim.data.partition import IidPartition, PartitionError, PartitionSpec, largest_remainder
 from fedsim.errors import ScenarioError
 from fedsim.registry import Registry
 from fedsim.rng import np_rng
 from fedsim.sections import Section
 
 DATASETS: Registry[type[Section]] = Registry("dataset")
+
+
+class PartitionedData(Section):
+    """Keys shared by datasets without a natural split: a partitioner, local held-out data."""
+
+    client_test_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of each client's shard kept back for local evaluation.",
+    )
+    partition: PartitionSpec = Field(
+        default_factory=IidPartition,
+        description="How the pool is split among clients (table with a 'kind' key).",
+    )
 
 
 def _frozen(a: np.ndarray, dtype: type) -> np.ndarray:

@@ -24,10 +24,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from fedsim.data.federation import DATASETS, Federation, build_federation
-from fedsim.data.partition import IidPartition, PartitionSpec
+from fedsim.data.federation import DATASETS, Federation, PartitionedData, build_federation
 from fedsim.errors import ScenarioError
-from fedsim.sections import Section
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
@@ -186,7 +184,7 @@ def _scale(images: np.ndarray) -> np.ndarray:
 
 
 @DATASETS.register("mnist")
-class MnistData(Section):
+class MnistData(PartitionedData):
     """MNIST from a local folder (standard idx files, or the shared 10k + 5k subset)."""
 
     dataset: Literal["mnist"] = Field("mnist", description="Dataset name: MNIST from files.")
@@ -197,16 +195,6 @@ class MnistData(Section):
         "5,000 CSV images the server test split.",
     )
     num_clients: int = Field(100, ge=1, description="Number of clients sharing the pool.")
-    client_test_fraction: float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="Fraction of each client's shard kept back for local evaluation.",
-    )
-    partition: PartitionSpec = Field(
-        default_factory=IidPartition,
-        description="How the pool is split among clients (table with a 'kind' key).",
-    )
 
     @field_validator("path")
     @classmethod
