@@ -156,14 +156,11 @@ def summarise(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str,
 
 def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    a, b = rows.get("tiny-100of1k"), rows.get("tiny-1kof1k")
-    if a and b and "fedsim_steady_s" in a and "fedsim_steady_s" in b:
-        per_client = (b["fedsim_steady_s"] - a["fedsim_steady_s"]) / (
-            b["clients_per_round"] - a["clients_per_round"]
-        )
-        out["fixed_ms_per_round"] = 1000 * (
-            a["fedsim_steady_s"] - per_client * a["clients_per_round"]
-        )
+    a = rows.get("tiny-100of1k")
+    f = rows.get("fixed")
+    if f and "fedsim_steady_s" in f:
+        # Round time with 2 one-example clients: the fixed cost (plus that tiny work).
+        out["fixed_ms_per_round"] = 1000 * f["fedsim_steady_s"]
     m = rows.get("tiny-100of1M")
     if a and m and "fedsim_steady_s" in m:
         out["population_1M_over_1k"] = m["fedsim_steady_s"] / a["fedsim_steady_s"]

@@ -56,6 +56,16 @@ WORKLOADS: dict[str, Workload] = {
             note="as tiny-100of1k with a population of 1,000,000",
         ),
         Workload(
+            "fixed",
+            (
+                "strategy.clients_per_round=2",
+                "data.samples_per_client=1",
+                "data.test_samples_per_client=1",
+            ),
+            contenders=("fedsim",),
+            note="2 clients of 1,000 with 1 example each: the round time is the fixed cost",
+        ),
+        Workload(
             "smoke",
             ("data.num_clients=4", "strategy.clients_per_round=2"),
             note="CI smoke test of the harness: 2 of 4 clients",
@@ -63,5 +73,5 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
-QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M")
-FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M")
+QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M", "fixed")
+FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M", "fixed")
