@@ -258,6 +258,25 @@ class Coordinator:
             )
         return replies, ok, failed, msgs
 
+    def _phase(
+        self,
+        grid: Grid,
+        directory: ClientDirectory,
+        server_round: int,
+        phase: str,
+        cids: list[int],
+        arrays: ArrayRecord,
+    ) -> tuple[list[Message], int, int, list[Message]]:
+        """Let the strategy configure ``phase`` for exactly ``cids``, then exchange."""
+        if phase == "train":
+            configure, key = self.strategy.configure_train, 0
+        else:
+            configure, key = self.strategy.configure_evaluate, 1
+        view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
+        with pinned_global_random(int_seed(self.seed, "strategy-random", server_round, key)):
+            msgs = configure(server_round, arrays, ConfigRecord(), view)
+        return self._exchange(grid, directory, msgs, phase, server_round)
+
     def run(self, grid: Grid) -> CoordinatorResult:
         directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
         arrays = self.initial_arrays
@@ -272,11 +291,8 @@ class Coordinator:
             record: dict[str, Any] = {"round": rnd}
 
             cids = self.sample(rnd, "train", self.train_cohort)
-            view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
-            with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 0)):
-                msgs = self.strategy.configure_train(rnd, arrays, ConfigRecord(), view)
-            replies, ok, failed, sent = self._exchange(grid, directory, msgs, "train", rnd)
-            if self.fold_train:
+            replies, ok, failed, sent = self._phase(grid, directory, rnd, "train", cids, arrays)
+            if self.fold_train and replies:
                 folded = fold_weighted_mean(replies, with_arrays=True, reply_to=sent[0])
                 replies = [folded] if folded is not None else []
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
@@ -293,15 +309,12 @@ class Coordinator:
                     ecids = cids
                 else:
                     ecids = self.sample(rnd, "evaluate", self.eval_cohort)
-                view = SubsetGrid(grid, [directory.node_of(c) for c in ecids])
-                with pinned_global_random(int_seed(self.seed, "strategy-random", rnd, 1)):
-                    emsgs = self.strategy.configure_evaluate(rnd, arrays, ConfigRecord(), view)
-                ereplies, _, _, esent = self._exchange(grid, directory, emsgs, "evaluate", rnd)
+                ereplies, _, _, esent = self._phase(grid, directory, rnd, "evaluate", ecids, arrays)
                 # A client with an empty held-out split has nothing to report.
                 ereplies = [r for r in ereplies if not r.has_error() and num_examples(r) > 0]
-                # Every Flower strategy averages evaluation metrics by num-examples.
-                folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
-                if folded is not None:
+                if ereplies:
+                    # Every Flower strategy averages evaluation metrics by num-examples.
+                    folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
                     client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
             record["client_eval_loss"] = _get(client_eval, "eval_loss")
             record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
