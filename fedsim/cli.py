@@ -103,7 +103,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.progress import Progress
+    from fedsim.progress import Progress, headline
     from fedsim.results import check_out_dir
     from fedsim.runner import execute
     from fedsim.scenario import default_scenario_path, load_scenario
@@ -131,11 +131,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_problems(source, exc)
         return EXIT_BAD_INPUT
     s = outcome.summary
-    acc, loss = s["eval_accuracy"], s["eval_loss"]
-    kind = "centralized"
-    if acc is None:
-        acc, loss, kind = s["client_eval_accuracy"], s["client_eval_loss"], "client-side"
-    if acc is None:
+    acc, loss = headline(s)  # the summary uses the per-round record's key names
+    if s["eval_accuracy"] is not None:
+        kind = "centralized"
+    elif acc is not None:
+        kind = "client-side"
+    else:
         kind = "no evaluation configured"
     shown = "n/a" if acc is None else f"{acc:.4f}"
     shown_loss = "n/a" if loss is None else f"{loss:.4f}"

@@ -129,7 +129,7 @@ def _execute(
             "model_sha256": hashlib.sha256(run_dir.path(MODEL_FILE).read_bytes()).hexdigest(),
             "scenario_sha256": hashlib.sha256(toml_text.encode()).hexdigest(),
             "wall_s": time.perf_counter() - t_start,
-            **{k: v for k, v in result.timings.items()},
+            **result.timings,
             "versions": versions(),
         }
         run_dir.write_json(SUMMARY_FILE, summary)
