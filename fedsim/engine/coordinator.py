@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.engine.fold import fold_weighted_mean, num_examples
+from fedsim.engine.fold import Block, fold_weighted_mean, num_examples
 from fedsim.rng import int_seed, np_rng
 
 log = logging.getLogger("fedsim")
@@ -236,10 +236,21 @@ class Coordinator:
         messages: Iterable[Message],
         phase: str,
         server_round: int,
-    ) -> tuple[list[Message], int, int, list[Message]]:
-        msgs = list(messages)
-        replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
-        replies.sort(key=lambda m: directory.client_of(m.metadata.src_node_id))
+        fold: bool = False,
+    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
+        """Send, then return the replies in cohort order (by client id; None if missing).
+
+        With ``fold`` and a grid that can pre-fold (fedsim's), the replies carry metrics
+        only and the partial sums of their arrays come back as blocks.
+        """
+        msgs = sorted(messages, key=lambda m: directory.client_of(m.metadata.dst_node_id))
+        blocks = None
+        if fold and hasattr(grid, "send_and_fold"):
+            replies, blocks = grid.send_and_fold(msgs, timeout=self.reply_timeout_s)
+        else:
+            replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
+        by_id = {r.metadata.reply_to_message_id: r for r in replies}
+        ordered = [by_id.get(m.metadata.message_id) for m in msgs]
         errors = [r for r in replies if r.has_error()]
         ok = len(replies) - len(errors)
         failed = len(msgs) - ok
@@ -256,7 +267,7 @@ class Coordinator:
                 len(errors),
                 errors[0].error.reason.strip().splitlines()[-1:],
             )
-        return replies, ok, failed, msgs
+        return ordered, ok, failed, msgs, blocks
 
     def _phase(
         self,
@@ -266,7 +277,8 @@ class Coordinator:
         phase: str,
         cids: list[int],
         arrays: ArrayRecord,
-    ) -> tuple[list[Message], int, int, list[Message]]:
+        fold: bool = False,
+    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
         """Let the strategy configure ``phase`` for exactly ``cids``, then exchange."""
         if phase == "train":
             configure, key = self.strategy.configure_train, 0
@@ -275,7 +287,7 @@ class Coordinator:
         view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
         with pinned_global_random(int_seed(self.seed, "strategy-random", server_round, key)):
             msgs = configure(server_round, arrays, ConfigRecord(), view)
-        return self._exchange(grid, directory, msgs, phase, server_round)
+        return self._exchange(grid, directory, msgs, phase, server_round, fold)
 
     def run(self, grid: Grid) -> CoordinatorResult:
         directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
@@ -291,10 +303,16 @@ class Coordinator:
             record: dict[str, Any] = {"round": rnd}
 
             cids = self.sample(rnd, "train", self.train_cohort)
-            replies, ok, failed, sent = self._phase(grid, directory, rnd, "train", cids, arrays)
-            if self.fold_train and replies:
-                folded = fold_weighted_mean(replies, with_arrays=True, reply_to=sent[0])
+            ordered, ok, failed, sent, blocks = self._phase(
+                grid, directory, rnd, "train", cids, arrays, fold=self.fold_train
+            )
+            if self.fold_train and sent:
+                folded = fold_weighted_mean(
+                    ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
+                )
                 replies = [folded] if folded is not None else []
+            else:
+                replies = [r for r in ordered if r is not None]
             new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -309,9 +327,15 @@ class Coordinator:
                     ecids = cids
                 else:
                     ecids = self.sample(rnd, "evaluate", self.eval_cohort)
-                ereplies, _, _, esent = self._phase(grid, directory, rnd, "evaluate", ecids, arrays)
+                eordered, _, _, esent, _ = self._phase(
+                    grid, directory, rnd, "evaluate", ecids, arrays
+                )
                 # A client with an empty held-out split has nothing to report.
-                ereplies = [r for r in ereplies if not r.has_error() and num_examples(r) > 0]
+                ereplies = [
+                    r
+                    for r in eordered
+                    if r is not None and not r.has_error() and num_examples(r) > 0
+                ]
                 if ereplies:
                     # Every Flower strategy averages evaluation metrics by num-examples.
                     folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])

@@ -4,10 +4,18 @@ For strategies whose aggregate depends on the replies only through their
 ``num-examples``-weighted mean (FedAvg, FedProx, FedAvgM, FedAdam/Yogi/Adagrad), the
 coordinator hands the strategy a single reply carrying that mean, with ``num-examples``
 = the total. The strategy's own code then runs unchanged (its weight is exactly 1.0).
-The arithmetic is Flower's ``aggregate_arrayrecords`` / ``aggregate_metricrecords``
-step for step (same order, same float32/float64 operations), so results are identical;
-what changes is the cost: arrays are read straight from their bytes and summed once,
-instead of through Flower's per-access record copies.
+
+Arrays are summed as ``sum_i n_i * x_i`` in float64 over a **fixed pairwise tree** on
+the clients' positions in the cohort (sorted by client id), then divided by
+``sum_i n_i`` and cast back to the array's dtype. The tree makes the sum streamable and
+splittable: a worker that hosts a contiguous range of positions folds its clients as
+they finish into at most ~2 log2(K) partial sums of whole subtrees (``TreeFold``), and
+``combine`` finishes the same tree from any such pieces. So the result is bit-identical
+whether the coordinator folds every reply itself (Flower's runtime, real SuperNodes) or
+fedsim's workers pre-fold, for any number of workers, and no more than O(log K) models
+are ever held at once. (Float64 also makes it more exact than Flower's float32
+``aggregate_arrayrecords``; the two agree to float32 rounding.) Metrics are folded with
+Flower's ``aggregate_metricrecords`` arithmetic, in client-id order.
 """
 
 from __future__ import annotations
@@ -51,23 +59,88 @@ def num_examples(reply: Message) -> float:
     return float(_records(reply.content)[1][WEIGHT_KEY])  # type: ignore[arg-type]
 
 
-def fold_weighted_mean(
-    replies: list[Message], *, with_arrays: bool, reply_to: Message
-) -> Message | None:
-    """One reply with the example-weighted mean of the successful replies (or None).
+Sums = dict[str, np.ndarray]
+Block = tuple[int, int, "Sums | None"]  # (level, index, sum): positions [i*2^l, (i+1)*2^l)
 
-    ``replies`` must already be in aggregation order (by client id); the result is a
-    reply to ``reply_to`` (one of the phase's instructions; strategies read content only).
+
+def leaf(arrays: ArrayRecord, weight: float) -> Sums:
+    """One client's term of the weighted sum: ``weight * x`` in float64 (exact)."""
+    return {k: array_view(a).astype(np.float64) * weight for k, a in arrays.items()}
+
+
+def _merge(left: Sums | None, right: Sums | None) -> Sums | None:
+    if left is None:
+        return right
+    if right is None:
+        return left
+    if left.keys() != right.keys():
+        raise ValueError("replies carry different array keys")
+    for k, v in left.items():
+        if v.flags.writeable:  # a private accumulator: add in place
+            v += right[k]
+        else:  # e.g. received read-only from another process
+            left[k] = v + right[k]
+    return left
+
+
+class TreeFold:
+    """Streams terms at consecutive positions into whole-subtree sums (a binary counter).
+
+    ``add`` must see consecutive positions (``None`` for a client that contributes
+    nothing); ``blocks`` are then the maximal aligned subtrees covering those positions.
     """
-    parts = [_records(r.content) for r in replies if not r.has_error()]
-    if not parts:
-        return None
-    weights = [float(m[WEIGHT_KEY]) for _, m in parts]  # type: ignore[arg-type]
+
+    def __init__(self) -> None:
+        self._stack: list[Block] = []
+        self._next: int | None = None
+
+    def add(self, pos: int, value: Sums | None) -> None:
+        if self._next is not None and pos != self._next:
+            raise ValueError(
+                f"TreeFold positions must be consecutive: got {pos}, expected {self._next}"
+            )
+        self._next = pos + 1
+        level, idx, val = 0, pos, value
+        while idx % 2 == 1 and self._stack and self._stack[-1][:2] == (level, idx - 1):
+            _, _, left = self._stack.pop()
+            level, idx, val = level + 1, idx // 2, _merge(left, val)
+        self._stack.append((level, idx, val))
+
+    @property
+    def blocks(self) -> list[Block]:
+        return list(self._stack)
+
+
+def combine(blocks: list[Block]) -> Sums | None:
+    """Finish the tree from subtree sums that together cover positions 0..K-1 once."""
+    level_of: dict[int, dict[int, Sums | None]] = {}
+    for level, idx, val in blocks:
+        if idx in level_of.setdefault(level, {}):
+            raise ValueError(f"two partial sums for subtree ({level}, {idx})")
+        level_of[level][idx] = val
+    level = 0
+    while level_of:
+        nodes = level_of.pop(level, {})
+        if not level_of and len(nodes) <= 1:  # the root
+            return next(iter(nodes.values()), None)
+        up = level_of.setdefault(level + 1, {})
+        for idx in sorted({i // 2 for i in nodes}):
+            left, right = nodes.get(2 * idx), nodes.get(2 * idx + 1)
+            if idx in up:
+                raise ValueError(f"two partial sums for subtree ({level + 1}, {idx})")
+            # a missing sibling lies past the cohort's end: the node is its one child
+            up[idx] = _merge(left, right)
+        level += 1
+    return None
+
+
+def fold_metrics(parts: list[MetricRecord]) -> MetricRecord:
+    """Flower's ``aggregate_metricrecords`` arithmetic, with the summed ``num-examples``."""
+    weights = [float(m[WEIGHT_KEY]) for m in parts]  # type: ignore[arg-type]
     total = sum(weights)
     factors = [w / total for w in weights]
-
     agg_metrics: dict[str, Any] = {}
-    for (_, m), f in zip(parts, factors, strict=True):
+    for m, f in zip(parts, factors, strict=True):
         for key, value in m.items():
             if key == WEIGHT_KEY:
                 continue
@@ -81,19 +154,62 @@ def fold_weighted_mean(
                 agg_metrics[key] = (
                     value * f if key not in agg_metrics else agg_metrics[key] + value * f
                 )
-    w_total = int(total) if all(isinstance(m[WEIGHT_KEY], int) for _, m in parts) else total
+    w_total = int(total) if all(isinstance(m[WEIGHT_KEY], int) for m in parts) else total
     agg_metrics[WEIGHT_KEY] = w_total
-    content: dict[str, Any] = {"metrics": MetricRecord(agg_metrics)}
+    return MetricRecord(agg_metrics)
 
+
+def _dtypes(*records: ArrayRecord | None) -> dict[str, np.dtype]:
+    for rec in records:
+        if rec is not None and len(rec):
+            return {k: np.dtype(a.dtype) for k, a in rec.items()}
+    return {}
+
+
+def fold_weighted_mean(
+    replies: list[Message | None],
+    *,
+    with_arrays: bool,
+    reply_to: Message,
+    blocks: list[Block] | None = None,
+) -> Message | None:
+    """One reply with the example-weighted mean of the successful replies (or None).
+
+    ``replies`` is the cohort in position order (by client id), ``None`` or an error for
+    a client that contributes nothing. With ``blocks`` (partial sums folded by workers)
+    the replies carry metrics only and the arrays come from the blocks. The result is a
+    reply to ``reply_to``, an instruction of the phase: strategies read content only, and
+    the mean takes the dtypes of the arrays it carries (the global model).
+    """
+    ok = [r is not None and not r.has_error() for r in replies]
+    metrics = [_records(r.content)[1] for r, good in zip(replies, ok, strict=True) if good]  # type: ignore[union-attr]
+    if not metrics:
+        return None
+    content: dict[str, Any] = {"metrics": fold_metrics(metrics)}
     if with_arrays:
-        agg: dict[str, np.ndarray] = {}
-        for (arrays, _), f in zip(parts, factors, strict=True):
-            if arrays is None:
-                raise ValueError("a training reply carries no ArrayRecord")
-            for key, arr in arrays.items():
-                if key not in agg:
-                    agg[key] = array_view(arr) * f
-                else:
-                    agg[key] += array_view(arr) * f
-        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in agg.items()})
+        weight = sum(float(m[WEIGHT_KEY]) for m in metrics)  # type: ignore[arg-type]
+        first = None
+        if blocks is None:
+            tree = TreeFold()
+            for pos, (r, good) in enumerate(zip(replies, ok, strict=True)):
+                term = None
+                if good:
+                    arrays, m = _records(r.content)  # type: ignore[union-attr]
+                    if arrays is None:
+                        raise ValueError("a training reply carries no ArrayRecord")
+                    first = first or arrays
+                    term = leaf(arrays, float(m[WEIGHT_KEY]))  # type: ignore[arg-type]
+                tree.add(pos, term)
+            blocks = tree.blocks
+        total = combine(blocks)
+        if total is None:
+            return None
+        sent = next((v for v in reply_to.content.values() if isinstance(v, ArrayRecord)), None)
+        dtypes = _dtypes(sent, first)
+        content["arrays"] = ArrayRecord(
+            {
+                k: Array(np.asarray(v / weight).astype(dtypes.get(k, np.float32)))
+                for k, v in total.items()
+            }
+        )
     return Message(RecordDict(content), reply_to=reply_to)

@@ -17,7 +17,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.coordinator import ClientDirectory
-from fedsim.engine.pool import WorkerPool, balance
+from fedsim.engine.fold import Block
+from fedsim.engine.pool import WorkerPool, balance, split_ranges
 
 NODE_ID_OFFSET = 1 << 16
 
@@ -106,6 +107,33 @@ class RayGrid(Grid):
         self._deliver(timeout=timeout)
         return self.pull_messages(ids)
 
+    # -- fedsim extension ------------------------------------------------------------
+    def send_and_fold(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> tuple[list[Message], list[Block]]:
+        """Like ``send_and_receive``, but the workers pre-fold the weighted sum of the
+        replies' arrays (``fedsim.engine.fold``): replies carry metrics only.
+
+        Cohort positions are the messages sorted by client id; each worker gets a
+        contiguous range of them.
+        """
+        ids = list(self.push_messages(messages))
+        items = sorted(
+            ((m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()),
+            key=lambda it: it[0],
+        )
+        self._outbox.clear()
+        ranges = split_ranges([self._cost(cid) for cid, _ in items], self._pool.size)
+        replies, blocks = self._pool.run(
+            self._run.run_id,
+            self._num_clients,
+            [items[a:b] for a, b in ranges],
+            timeout=timeout,
+            fold_from=[a for a, _ in ranges],
+        )
+        self._store(replies)
+        return list(self.pull_messages(ids)), blocks
+
     # -- delivery --------------------------------------------------------------------
     def _deliver(self, timeout: float | None = None) -> None:
         if not self._outbox:
@@ -113,5 +141,9 @@ class RayGrid(Grid):
         items = [(m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()]
         self._outbox.clear()
         batches = balance(items, self._pool.size, self._cost)
-        for reply in self._pool.run(self._run.run_id, self._num_clients, batches, timeout=timeout):
+        replies, _ = self._pool.run(self._run.run_id, self._num_clients, batches, timeout=timeout)
+        self._store(replies)
+
+    def _store(self, replies: list[Message]) -> None:
+        for reply in replies:
             self._inbox[reply.metadata.reply_to_message_id] = reply

@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import ray
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
+
+from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf
 
 Batch = list[tuple[int, Message]]  # (client id, instruction)
 
@@ -59,13 +61,24 @@ class ClientWorker:
         for kind in (MessageType.TRAIN, MessageType.EVALUATE):
             msg = Message(content, dst_node_id=0, message_type=kind)
             msg.metadata.__dict__["_message_id"] = "warm-up"
-            self.run(0, env.federation.num_clients, [(0, msg)])
+            fold = 0 if kind == MessageType.TRAIN else None  # warm the pre-fold too
+            self.run(0, env.federation.num_clients, [(0, msg)], fold)
         env.last_record = env.last_state = None
         return time.perf_counter() - t0
 
-    def run(self, run_id: int, num_clients: int, batch: Batch) -> list[Message]:
+    def run(
+        self, run_id: int, num_clients: int, batch: Batch, fold_from: int | None = None
+    ) -> list[Message] | tuple[list[Message], list[Block]]:
+        """Run the batch's clients in order; return their replies.
+
+        With ``fold_from`` (the cohort position of the batch's first client; the batch is
+        a contiguous range of positions) the weighted sum of the replies' arrays is
+        folded here as each client finishes, and the replies come back with metrics
+        only, together with the partial sums (see ``fedsim.engine.fold``).
+        """
         replies = []
-        for cid, msg in batch:
+        tree = TreeFold() if fold_from is not None else None
+        for pos, (cid, msg) in enumerate(batch, start=fold_from or 0):
             context = Context(
                 run_id=run_id,
                 node_id=msg.metadata.dst_node_id,
@@ -78,8 +91,25 @@ class ClientWorker:
             except Exception as exc:  # a failing client is a failed reply, not a crash
                 reason = f"{type(exc).__name__}: {exc}"
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            if tree is not None:
+                reply, term = self._fold(reply, msg)
+                tree.add(pos, term)
             replies.append(reply)
-        return replies
+        return replies if tree is None else (replies, tree.blocks)
+
+    @staticmethod
+    def _fold(reply: Message, msg: Message) -> tuple[Message, Sums | None]:
+        """The reply's term of the weighted sum, and the reply without its arrays."""
+        if reply.has_error():
+            return reply, None
+        arrays = next((v for v in reply.content.values() if isinstance(v, ArrayRecord)), None)
+        metrics = next((v for v in reply.content.values() if isinstance(v, MetricRecord)), None)
+        if arrays is None or metrics is None or WEIGHT_KEY not in metrics:
+            reason = f"a training reply needs arrays and a MetricRecord with '{WEIGHT_KEY}'"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg), None
+        term = leaf(arrays, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
+        reply.content = RecordDict({"metrics": metrics})
+        return reply, term
 
 
 class WorkerPool:
@@ -120,17 +150,29 @@ class WorkerPool:
         batches: Sequence[Batch],
         *,
         timeout: float | None = None,
-    ) -> list[Message]:
-        """Run ``batches[i]`` on actor i; failed actors yield error replies and are replaced."""
+        fold_from: Sequence[int] | None = None,
+    ) -> tuple[list[Message], list[Block]]:
+        """Run ``batches[i]`` on actor i; failed actors yield error replies and are replaced.
+
+        With ``fold_from`` (each batch's first cohort position; batches are contiguous
+        ranges) the actors pre-fold the weighted sum and the partial sums come back too;
+        a failed or late batch contributes empty sums over its range.
+        """
         refs = {
-            self.actors[i].run.remote(run_id, num_clients, b): i for i, b in enumerate(batches) if b
+            self.actors[i].run.remote(
+                run_id, num_clients, b, None if fold_from is None else fold_from[i]
+            ): i
+            for i, b in enumerate(batches)
+            if b
         }
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         replies: list[Message] = []
+        blocks: list[Block] = []
+        lost: list[int] = []
         for ref in ready:
             i = refs[ref]
             try:
-                replies.extend(ray.get(ref))
+                got = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 # The actor died (e.g. out of memory): its clients fail this phase.
                 reason = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -138,11 +180,26 @@ class WorkerPool:
                     Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=m)
                     for _, m in batches[i]
                 )
+                lost.append(i)
                 self.actors[i] = self._make()
+                continue
+            if fold_from is None:
+                replies.extend(got)
+            else:
+                replies.extend(got[0])
+                blocks.extend(got[1])
         for ref in pending:  # late batches: no replies this phase; replace the worker
-            ray.kill(self.actors[refs[ref]])
-            self.actors[refs[ref]] = self._make()
-        return replies
+            i = refs[ref]
+            lost.append(i)
+            ray.kill(self.actors[i])
+            self.actors[i] = self._make()
+        if fold_from is not None:
+            for i in lost:
+                empty = TreeFold()
+                for pos in range(fold_from[i], fold_from[i] + len(batches[i])):
+                    empty.add(pos, None)
+                blocks.extend(empty.blocks)
+        return replies, blocks
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -163,3 +220,24 @@ def balance(
     for b in bins:
         b.sort(key=lambda it: it[0])
     return bins
+
+
+def split_ranges(costs: Sequence[float], n_bins: int) -> list[tuple[int, int]]:
+    """Cut positions ``0..len(costs)`` into ``n_bins`` contiguous ranges of near-equal cost.
+
+    Each cut goes where the running cost is closest to an equal share, so a range is
+    off its share by at most one client's cost (LPT balancing does not need ranges, but
+    pre-folding by subtree does).
+    """
+    total = float(sum(costs))
+    bounds = [0]
+    acc = 0.0
+    pos = 0
+    for b in range(1, n_bins):
+        target = total * b / n_bins
+        while pos < len(costs) and abs(acc + costs[pos] - target) <= abs(acc - target):
+            acc += costs[pos]
+            pos += 1
+        bounds.append(pos)
+    bounds.append(len(costs))
+    return [(bounds[i], bounds[i + 1]) for i in range(n_bins)]

@@ -10,45 +10,59 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.engine.coordinator import AllClientsFailed, ClientDirectory, Coordinator
+from fedsim.engine.fold import TreeFold
 from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
+from fedsim.engine.pool import ClientWorker
 
 
 class LocalPool:
     """Runs batches in-process: replies carry ``values[cid]`` (default: the id) as weights."""
 
-    size = 2
-
-    def __init__(self, fail: set[int] | None = None, *, reverse: bool = True, values=None):
+    def __init__(
+        self, fail: set[int] | None = None, *, reverse: bool = True, values=None, size: int = 2
+    ):
+        self.size = size
         self.fail = fail or set()
         self.reverse = reverse
         self.values = values or {}
         self.calls: list[list[int]] = []
 
-    def run(self, run_id, num_clients, batches, timeout=None):
-        out = []
+    def run(self, run_id, num_clients, batches, timeout=None, fold_from=None):
+        out, blocks = [], []
         order = reversed if self.reverse else iter
-        for batch in order(batches):  # replies arrive in a scrambled order
+        for i, batch in order(list(enumerate(batches))):  # replies arrive scrambled
             self.calls.append([cid for cid, _ in batch])
+            if fold_from is not None:  # the workers' pre-fold, as ClientWorker.run does it
+                tree = TreeFold()
+                for pos, (cid, msg) in enumerate(batch, start=fold_from[i]):
+                    reply, term = ClientWorker._fold(self._reply(cid, msg), msg)
+                    tree.add(pos, term)
+                    out.append(reply)
+                blocks += tree.blocks
+                continue
             for cid, msg in order(batch):
-                if cid in self.fail:
-                    out.append(Message(Error(2, f"client {cid} broke"), reply_to=msg))
-                    continue
-                content = RecordDict(
-                    {
-                        "arrays": ArrayRecord(
-                            {"w": Array(np.array([self.values.get(cid, cid)], np.float32))}
-                        ),
-                        "metrics": MetricRecord(
-                            {"num-examples": 1 if self.values else cid + 1, "train_loss": 1.0}
-                        ),
-                    }
-                )
-                out.append(Message(content, reply_to=msg))
-        return out
+                out.append(self._reply(cid, msg))
+        return out, blocks
+
+    def _reply(self, cid, msg):
+        if cid in self.fail:
+            return Message(Error(2, f"client {cid} broke"), reply_to=msg)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {"w": Array(np.array([self.values.get(cid, cid)], np.float32))}
+                ),
+                "metrics": MetricRecord(
+                    {"num-examples": 1 if self.values else cid + 1, "train_loss": 1.0}
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
 
 
-def _coordinator(num_clients=10, cohort=4, seed=0, rounds=1, eval_cohort=0):
+def _coordinator(num_clients=10, cohort=4, seed=0, rounds=1, eval_cohort=0, fold=False):
     return Coordinator(
+        fold_train=fold,
         strategy=FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
         initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
         num_clients=num_clients,
@@ -116,3 +130,36 @@ def test_directory_maps_both_ways():
     assert d.node_of(2) == NODE_ID_OFFSET + 2 and d.client_of(NODE_ID_OFFSET + 2) == 2
     t = ClientDirectory({0: 17, 1: 5})
     assert t.node_of(1) == 5 and t.client_of(17) == 0
+
+
+class PlainGrid(RayGrid):
+    """fedsim's grid without its pre-fold: the coordinator folds every reply itself,
+    as it does under Flower's runtime or with real SuperNodes."""
+
+
+    def __getattribute__(self, name):
+        if name == "send_and_fold":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_folded_mean_is_bit_identical_for_any_worker_count_and_without_prefold():
+    rng = np.random.default_rng(3)
+    values = {cid: float(v) for cid, v in enumerate(rng.standard_normal(40) * 1e4)}
+    runs = []
+    for size in (1, 2, 3, 7):
+        pool = LocalPool(values=values, size=size, fail={5, 17})
+        runs.append(_coordinator(40, 23, rounds=2, fold=True).run(RayGrid(pool, num_clients=40)))
+    plain = LocalPool(values=values, fail={5, 17})
+    runs.append(_coordinator(40, 23, rounds=2, fold=True).run(PlainGrid(plain, num_clients=40)))
+    assert not hasattr(PlainGrid(plain, num_clients=40), "send_and_fold")
+    got = {r.arrays["w"].numpy().tobytes() for r in runs}
+    assert len(got) == 1
+    assert [r.rounds[0]["clients_failed"] for r in runs] == [
+        runs[0].rounds[0]["clients_failed"]
+    ] * 5
+    # and the fold is the weighted mean FedAvg computes without it
+    ref = _coordinator(40, 23, rounds=2).run(
+        RayGrid(LocalPool(values=values, fail={5, 17}), num_clients=40)
+    )
+    np.testing.assert_allclose(runs[0].arrays["w"].numpy(), ref.arrays["w"].numpy(), rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Folding replies into one weighted mean gives exactly Flower's aggregate."""
+"""Folding replies into one weighted mean: Flower's aggregate, in any split of the cohort."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.engine.fold import array_view, fold_weighted_mean
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsim.engine.fold import TreeFold, array_view, combine, fold_weighted_mean, leaf
+from fedsim.engine.pool import split_ranges
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +33,9 @@ def _reply(i: int, w: np.ndarray, b: np.ndarray, n: int, loss: float) -> Message
     return Message(content, reply_to=ins)
 
 
-def test_fold_equals_flowers_weighted_aggregate_bit_for_bit():
-    rng = np.random.default_rng(0)
-    replies = [
+def _cohort(k: int, seed: int = 0) -> list[Message]:
+    rng = np.random.default_rng(seed)
+    return [
         _reply(
             i,
             rng.standard_normal((7, 5)).astype(np.float32),
@@ -39,20 +43,104 @@ def test_fold_equals_flowers_weighted_aggregate_bit_for_bit():
             int(rng.integers(1, 100)),
             float(rng.random()),
         )
-        for i in range(9)
+        for i in range(k)
     ]
+
+
+def test_fold_equals_flowers_weighted_aggregate():
+    replies = _cohort(9)
     folded = fold_weighted_mean(replies, with_arrays=True, reply_to=replies[0])
     contents = [r.content for r in replies]
     ref_arrays = aggregate_arrayrecords(contents, "num-examples")
     ref_metrics = aggregate_metricrecords(contents, "num-examples")
     for k in ("w", "b"):
-        assert folded.content["arrays"][k].numpy().tobytes() == ref_arrays[k].numpy().tobytes()
+        got = folded.content["arrays"][k].numpy()
+        assert got.dtype == np.float32
+        # float64 sums: equal to Flower's float32 arithmetic up to its rounding
+        np.testing.assert_allclose(got, ref_arrays[k].numpy(), rtol=1e-5, atol=1e-6)
+        exact = sum(
+            r.content["arrays"][k].numpy().astype(np.float64) * r.content["metrics"]["num-examples"]
+            for r in replies
+        ) / sum(r.content["metrics"]["num-examples"] for r in replies)
+        assert np.array_equal(got, exact.astype(np.float32))
     got = folded.content["metrics"]
+    # metrics: Flower's arithmetic, in the same order, bit for bit
     assert got["train_loss"] == ref_metrics["train_loss"] and got["hist"] == ref_metrics["hist"]
     assert got["num-examples"] == sum(r.content["metrics"]["num-examples"] for r in replies)
     # and FedAvg on the single folded reply returns the same arrays (its weight is 1.0)
     arrays, _ = FedAvg().aggregate_train(1, [folded])
-    assert arrays["w"].numpy().tobytes() == ref_arrays["w"].numpy().tobytes()
+    assert arrays["w"].numpy().tobytes() == folded.content["arrays"]["w"].numpy().tobytes()
+
+
+def _terms(replies: list[Message | None]) -> list:
+    out = []
+    for r in replies:
+        if r is None:
+            out.append(None)
+        else:
+            c = r.content
+            out.append(leaf(c["arrays"], float(c["metrics"]["num-examples"])))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 40),
+    workers=st.integers(1, 9),
+    missing=st.sets(st.integers(0, 39)),
+    seed=st.integers(0, 3),
+)
+def test_prefolded_ranges_give_the_same_bits_for_any_split(k, workers, missing, seed):
+    replies: list[Message | None] = list(_cohort(k, seed))
+    for i in missing:
+        if i < k:
+            replies[i] = None
+    if all(r is None for r in replies):
+        return
+    whole = fold_weighted_mean(replies, with_arrays=True, reply_to=_cohort(1)[0])
+    rng = np.random.default_rng(seed)
+    costs = rng.integers(1, 5, size=k).tolist()
+    blocks = []
+    terms = _terms(replies)
+    for a, b in split_ranges(costs, workers):
+        tree = TreeFold()
+        for pos in range(a, b):
+            tree.add(pos, terms[pos])
+        blocks += tree.blocks
+    # workers send metrics only
+    stripped = [
+        None if r is None else Message(RecordDict({"metrics": r.content["metrics"]}), reply_to=r)
+        for r in replies
+    ]
+    split = fold_weighted_mean(stripped, with_arrays=True, reply_to=_cohort(1)[0], blocks=blocks)
+    for key in ("w", "b"):
+        assert (
+            split.content["arrays"][key].numpy().tobytes()
+            == whole.content["arrays"][key].numpy().tobytes()
+        )
+    assert split.content["metrics"]["train_loss"] == whole.content["metrics"]["train_loss"]
+
+
+def test_tree_fold_keeps_only_log_many_partial_sums():
+    tree = TreeFold()
+    one = {"x": np.ones(3)}
+    for pos in range(1000):
+        tree.add(pos, {"x": one["x"].copy()})
+        assert len(tree.blocks) <= 10  # popcount(pos + 1) <= log2(1000)
+    assert combine(tree.blocks)["x"].tolist() == [1000.0] * 3
+    with pytest.raises(ValueError, match="consecutive"):
+        tree.add(1001, None)
+
+
+def test_split_ranges_balances_by_cost_and_covers_everything():
+    assert split_ranges([1] * 10, 2) == [(0, 5), (5, 10)]
+    assert split_ranges([1] * 3, 4) == [(0, 1), (1, 2), (2, 2), (2, 3)]  # one worker idle
+    r = split_ranges([5, 1, 1, 1, 1, 1], 2)
+    assert r == [(0, 1), (1, 6)]
+    for n in range(1, 6):
+        rs = split_ranges([1, 2, 3, 4, 5, 6, 7], n)
+        assert rs[0][0] == 0 and rs[-1][1] == 7 and len(rs) == n
+        assert all(rs[i][1] == rs[i + 1][0] for i in range(n - 1))
 
 
 def test_errors_are_skipped_and_nothing_left_gives_none():
