@@ -32,6 +32,7 @@ class _Env:
     federation: AnyFederation
     model: torch.nn.Module
     device: torch.device
+    dropout: Any = None  # fedsim.world.system.DropoutModel
     last_record: ArrayRecord | None = None
     last_state: dict[str, torch.Tensor] | None = None
 
@@ -48,7 +49,14 @@ def _env(spec_json: str) -> _Env:
     model = build_model(
         scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
     )
-    return _Env(scn, fed, model.to(device), device)
+    from fedsim.world.system import DropoutModel
+
+    dropout = DropoutModel(scn.churn.dropout, num_clients=scn.num_clients, seed=scn.run.seed)
+    return _Env(scn, fed, model.to(device), device, dropout if dropout.active else None)
+
+
+class SimulatedDropout(RuntimeError):
+    """The scenario's churn.dropout made this client vanish before replying."""
 
 
 def _client_id(context: Context) -> int:
@@ -104,7 +112,12 @@ def build_client_app(spec_json: str) -> ClientApp:
         cid = _client_id(context)
         config = msg.content.config_records.get("config", ConfigRecord())
         server_round = int(config.get("server-round", 0))
+        if env.dropout is not None and env.dropout.dropped(cid, server_round):
+            raise SimulatedDropout(
+                f"client {cid} dropped out in round {server_round} (churn.dropout)"
+            )
         mu = float(config.get("proximal-mu", scn.client.mu))
+        max_steps = config.get("max-steps")  # a straggler's partial work (coordinator policy)
         _load_arrays(env, msg)
         x, y = fed.train_data(cid)
         c = scn.client
@@ -120,6 +133,7 @@ def build_client_app(spec_json: str) -> ClientApp:
             mu=mu,
             generator=torch_generator(scn.run.seed, "batch", server_round, cid),
             device=env.device,
+            max_steps=None if max_steps is None else int(max_steps),
         )
         content = RecordDict(
             {

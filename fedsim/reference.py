@@ -101,12 +101,20 @@ def render() -> str:
     from fedsim.data import DATASETS, PARTITIONERS
     from fedsim.models import MODELS
     from fedsim.scenario import (
-        ChurnSection,
         ClientResources,
         ClientSection,
         PrivacySection,
         RunSection,
         SimulationSection,
+    )
+    from fedsim.world.config import (
+        AvailabilitySpec,
+        CoordinatorSection,
+        DistSpec,
+        DropoutSection,
+        MembershipSection,
+        StragglerSection,
+        SystemSection,
     )
     from strategies import STRATEGIES, StrategyParams
 
@@ -124,14 +132,49 @@ def render() -> str:
     lines += ["### `[simulation]`", ""] + table(SimulationSection, "simulation.")
     lines += ["", "### `[simulation.client_resources]`", ""]
     lines += table(ClientResources, "simulation.client_resources.")
-    lines += ["", "### `[churn]` and `[privacy]`", ""]
+    lines += ["", "### `[churn.availability]`", ""]
+    lines += _variants(
+        "availability", "kind", _config_registry(AvailabilitySpec), "churn.availability.", ()
+    )
+    lines += ["### `[churn.dropout]`", ""] + table(DropoutSection, "churn.dropout.")
+    lines += ["", "### `[churn.membership]`", ""] + table(MembershipSection, "churn.membership.")
     lines += [
-        f"Reserved: {ChurnSection.__doc__.strip()} {PrivacySection.__doc__.strip()} "
-        "Both tables may be present but must be empty.",
+        "",
+        "### `[system]`",
+        "",
+        (SystemSection.__doc__ or "").strip().replace("\n", " "),
+        "",
+    ]
+    lines += table(SystemSection, "system.")
+    lines += [
+        "",
+        "`system.speed`, `system.download` and `system.upload` are distributions, e.g. "
+        '`{ kind = "lognormal", median = 50.0, sigma = 0.7 }`:',
+        "",
+    ]
+    lines += _variants("distribution", "kind", _config_registry(DistSpec), "system.speed.", ())
+    lines += ["### `[system.stragglers]`", ""] + table(StragglerSection, "system.stragglers.")
+    lines += ["", "### `[coordinator]`", ""] + table(CoordinatorSection, "coordinator.")
+    lines += ["", "### `[privacy]`", ""]
+    lines += [
+        f"Reserved: {PrivacySection.__doc__.strip()} The table may be present but must be empty.",
         "",
         END,
     ]
     return "\n".join(lines)
+
+
+def _config_registry(spec: Any) -> Any:
+    """A registry of the variants of a discriminated scenario table."""
+    from typing import get_args
+
+    from fedsim.registry import Registry
+
+    reg: Registry[Any] = Registry("variant")
+    union = get_args(spec)[0]
+    for cls in get_args(union):
+        reg.add(cls.model_fields["kind"].default, cls)
+    return reg
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from fedsim.errors import ScenarioError
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
+PARTICIPATION_FILE = "participation.csv"
 TIMING_FIELDS = ("round_wall_s",)
 
 

@@ -14,10 +14,11 @@ from fedsim.data import AnyFederation as Federation
 from fedsim.data import load_federation, partition_summary
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, count_parameters
-from fedsim.plots import plot_curves, plot_label_heatmap
+from fedsim.plots import plot_curves, plot_label_heatmap, plot_online, plot_participation
 from fedsim.progress import Progress
 from fedsim.results import (
     MODEL_FILE,
+    PARTICIPATION_FILE,
     SUMMARY_FILE,
     RunDir,
     check_out_dir,
@@ -25,6 +26,8 @@ from fedsim.results import (
     versions,
 )
 from fedsim.scenario import Scenario
+from fedsim.world import World
+from fedsim.world.participation import ParticipationLog
 
 
 @dataclass
@@ -35,11 +38,27 @@ class RunOutcome:
 
 def resolve_paths(scn: Scenario) -> Scenario:
     """Make file paths absolute, so the resolved scenario reruns from any directory."""
-    path = getattr(scn.data, "path", None)
-    if path is None:
-        return scn
-    data = scn.data.model_copy(update={"path": str(Path(path).expanduser().resolve())})
-    return scn.model_copy(update={"data": data})
+
+    def absolute(section: Any, key: str) -> Any:
+        path = getattr(section, key, None)
+        if path is None:
+            return section
+        return section.model_copy(update={key: str(Path(path).expanduser().resolve())})
+
+    ch = scn.churn
+    churn = ch.model_copy(
+        update={
+            "availability": absolute(ch.availability, "path"),
+            "membership": absolute(ch.membership, "schedule"),
+        }
+    )
+    return scn.model_copy(
+        update={
+            "data": absolute(scn.data, "path"),
+            "churn": churn,
+            "system": absolute(scn.system, "profiles"),
+        }
+    )
 
 
 def prepare(scn: Scenario) -> tuple[Federation, int]:
@@ -48,6 +67,8 @@ def prepare(scn: Scenario) -> tuple[Federation, int]:
     Returns the federation and the model's parameter count. Raises ScenarioError.
     """
     fed = load_federation(scn.data, seed=scn.run.seed)
+    # Reads trace and profile files: a bad one is a ScenarioError before anything runs.
+    World(scn, train_sizes=lambda cids: np.ones(len(cids)))
     try:
         model = build_model(
             scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
@@ -67,6 +88,31 @@ def _final(records: list[dict[str, Any]], key: str) -> float | None:
         if rec.get(key) is not None:
             return rec[key]
     return None
+
+
+def _target(records: list[dict[str, Any]], target: float | None) -> dict[str, Any]:
+    """When test accuracy (centralized, else client-side) first reached run.target_accuracy."""
+    if target is None:
+        return {}
+    key = (
+        "eval_accuracy"
+        if any(r.get("eval_accuracy") is not None for r in records)
+        else ("client_eval_accuracy")
+    )
+    for r in records:
+        if r.get(key) is not None and r[key] >= target:
+            return {
+                "target_accuracy": target,
+                "target_metric": key,
+                "target_round": r["round"],
+                "virtual_time_to_target_s": r.get("virtual_time_s"),
+            }
+    return {
+        "target_accuracy": target,
+        "target_metric": key,
+        "target_round": None,
+        "virtual_time_to_target_s": None,
+    }
 
 
 def execute(
@@ -105,12 +151,19 @@ def _execute(
             run_dir.append_round(rec)
             progress.update(rec)
 
-        with progress:
-            result = engine.run(fed, on_round)
+        with (
+            progress,
+            ParticipationLog(run_dir.path(PARTICIPATION_FILE), scn.num_clients) as plog,
+        ):
+            result = engine.run(fed, on_round, plog.add_round)
         records = result.coordinator.rounds
         arrays = {k: v.numpy() for k, v in result.coordinator.arrays.items()}
         run_dir.write_model(arrays)
         plot_curves(records, run_dir.tmp, scn.run.name)
+        plot_participation(
+            run_dir.path(PARTICIPATION_FILE), run_dir.path("participation.png"), scn.num_clients
+        )
+        plot_online(records, run_dir.path("online.png"))
         init = result.coordinator.initial_eval or {}
         summary = {
             "name": scn.run.name,
@@ -122,6 +175,8 @@ def _execute(
             "client_eval_accuracy": _final(records, "client_eval_accuracy"),
             "client_eval_loss": _final(records, "client_eval_loss"),
             "train_loss": _final(records, "train_loss"),
+            "virtual_time_s": _final(records, "virtual_time_s"),
+            **_target(records, scn.run.target_accuracy),
             "initial_eval_accuracy": init.get("eval_accuracy"),
             "initial_eval_loss": init.get("eval_loss"),
             "num_clients": scn.num_clients,

@@ -1,7 +1,8 @@
 """Scenario files: schema (pydantic v2), TOML loading, ``--set`` overrides, JSON Schema.
 
 A scenario is one TOML file with the tables ``run``, ``data``, ``model``, ``client``,
-``strategy``, ``simulation`` and the reserved ``churn`` and ``privacy``. Every key has a
+``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator`` and the reserved
+``privacy``. Every key has a
 default except what must be chosen (e.g. ``data.path`` for MNIST); unknown keys are
 errors; every error names its key path.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 from pydantic import Field, ValidationError
@@ -20,6 +21,7 @@ from fedsim.data import DataSpec, DigitsData
 from fedsim.errors import ScenarioError
 from fedsim.models import MlpModel, ModelSpec
 from fedsim.sections import Section
+from fedsim.world.config import ChurnSection, CoordinatorSection, SystemSection
 from strategies import StrategySpec
 
 # Which key selects the variant of a registry-backed table, and its default value.
@@ -28,6 +30,10 @@ _DISCRIMINATORS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "partition"): ("kind", "iid"),
     ("model",): ("name", "mlp"),
     ("strategy",): ("name", "fedavg"),
+    ("churn", "availability"): ("kind", "always"),
+    ("system", "speed"): ("kind", "fixed"),
+    ("system", "download"): ("kind", "fixed"),
+    ("system", "upload"): ("kind", "fixed"),
 }
 
 
@@ -44,6 +50,13 @@ class RunSection(Section):
         description="Root seed: partitioning, sampling, initialisation and batching derive from it.",
     )
     rounds: int = Field(10, ge=1, description="Number of federated rounds.")
+    target_accuracy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="If set, summary.json reports the virtual time (and round) at which test "
+        "accuracy first reached it (centralized, else client-side); null if never.",
+    )
 
 
 class ClientResources(Section):
@@ -76,10 +89,6 @@ class SimulationSection(Section):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per client worker.")
 
 
-class ChurnSection(Section):
-    """Reserved for client churn (availability, dropouts, stragglers): off in this release."""
-
-
 class PrivacySection(Section):
     """Reserved for privacy (DP-SGD, secure aggregation): off in this release."""
 
@@ -92,6 +101,8 @@ class Scenario(Section):
     strategy: StrategySpec = Field(default_factory=lambda: _default_strategy())
     simulation: SimulationSection = Field(default_factory=SimulationSection)
     churn: ChurnSection = Field(default_factory=ChurnSection)
+    system: SystemSection = Field(default_factory=SystemSection)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     # Derived sizes the engine needs everywhere.
@@ -146,6 +157,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` items. Switching a variant (``--set strategy.name=fedavg``) drops
+    the file's keys the new variant does not take (e.g. ``proximal_mu``), so one file can
+    serve as several arms of an experiment; keys set on the command line are kept."""
+    switched: dict[tuple[str, ...], Any] = {}
+    set_keys: set[tuple[str, ...]] = set()
     for item in overrides:
         parts, value = parse_override(item)
         cur = raw
@@ -155,8 +171,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 where = ".".join(parts[: i + 1])
                 raise ScenarioError([(where, f"is not a table, cannot set {'.'.join(parts)}")])
             cur = nxt
+        table = tuple(parts[:-1])
+        if (
+            table in _DISCRIMINATORS
+            and parts[-1] == _DISCRIMINATORS[table][0]
+            and cur.get(parts[-1], value) != value
+        ):
+            switched[table] = value
         cur[parts[-1]] = value
+        set_keys.add(tuple(parts))
+    for table, value in switched.items():
+        fields = _variant_fields(table, value)
+        cur = raw
+        for p in table:
+            cur = cur[p]
+        if fields is not None:
+            for key in [k for k in cur if k not in fields and (*table, k) not in set_keys]:
+                del cur[key]
     return raw
+
+
+def _variant_fields(table: tuple[str, ...], value: Any) -> set[str] | None:
+    """The keys the variant ``value`` of a discriminated table accepts (None: unknown)."""
+    models: list[Any] = [Scenario]
+    for p in table:
+        anns = [m.model_fields[p].annotation for m in models if p in m.model_fields]
+        models = [
+            a for ann in anns for a in (get_args(ann) or (ann,)) if hasattr(a, "model_fields")
+        ]
+    key = _DISCRIMINATORS[table][0]
+    for m in models:
+        f = m.model_fields.get(key)
+        if f is not None and f.default == value:
+            return set(m.model_fields)
+    return None
 
 
 def _fill_discriminators(raw: dict[str, Any]) -> None:
@@ -280,6 +328,7 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
         problems.append(
             ("simulation.client_resources.gpus", "must be a fraction <= 1 or a whole number")
         )
+    problems += _check_world(scn)
     if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
         problems.append(
             (
@@ -287,6 +336,30 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                 "not used by engine 'flower' (it sizes its pool from client_resources)",
             )
         )
+    return problems
+
+
+def _check_world(scn: Scenario) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    co, ch = scn.coordinator, scn.churn
+    k = min(scn.train_cohort, scn.num_clients)
+    if co.min_replies > k:
+        problems.append(("coordinator.min_replies", f"{co.min_replies} > clients per round ({k})"))
+    if co.straggler_policy == "partial" and co.deadline_s is None:
+        problems.append(("coordinator.straggler_policy", "'partial' needs coordinator.deadline_s"))
+    if scn.simulation.engine == "flower":
+        # Flower's runtime has no virtual clock: only what a failing ClientApp can express.
+        why = "needs simulation.engine = 'fedsim' (Flower's runtime has no virtual clock)"
+        if ch.availability.kind != "always":
+            problems.append(("churn.availability.kind", f"'{ch.availability.kind}' {why}"))
+        m = ch.membership
+        if m.initial_fraction < 1 or m.mean_lifetime_s is not None or m.schedule is not None:
+            problems.append(("churn.membership", f"joins and leaves {why}"))
+        if scn.system != SystemSection():
+            problems.append(("system", f"device heterogeneity {why}"))
+        for key in ("over_commit", "deadline_s", "min_round_s"):
+            if getattr(co, key) != CoordinatorSection.model_fields[key].default:
+                problems.append((f"coordinator.{key}", why))
     return problems
 
 

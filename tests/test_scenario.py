@@ -134,10 +134,13 @@ def test_json_schema_describes_every_section():
         "strategy",
         "simulation",
         "churn",
+        "system",
+        "coordinator",
         "privacy",
     }
     text = json.dumps(schema)
     assert "proximal_mu" in text and "shards_per_client" in text
+    assert "mean_on_s" in text and "straggler_policy" in text
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -9,24 +9,44 @@ timing never changes a result), failed replies, and the per-round record.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.engine.fold import Block, fold_weighted_mean, num_examples
+from fedsim.engine.messaging import (
+    ClientDirectory,
+    SubsetGrid,
+    exchange,
+    pinned_global_random,
+)
+from fedsim.engine.policy import (
+    AGGREGATED,
+    DROPPED,
+    LATE,
+    REPLIED,
+    RoundPlan,
+    plan_round,
+    select_count,
+)
 from fedsim.rng import int_seed, np_rng
+from fedsim.world.config import CoordinatorSection
+
+if TYPE_CHECKING:
+    from fedsim.world import World
 
 log = logging.getLogger("fedsim")
 
 RoundHook = Callable[[dict[str, Any]], None]
+ParticipationHook = Callable[[int, "np.ndarray | None", dict[int, str]], None]
+MAX_STEPS_KEY = "max-steps"  # config key: a straggler's partial local work
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
@@ -34,140 +54,8 @@ class AllClientsFailed(RuntimeError):
     """Every client of a phase failed: almost always a bug or a bad setting, not churn."""
 
 
-class Stopped(RuntimeError):
-    """The engine asked the coordinator to stop (the runtime failed or was interrupted)."""
-
-
-POLL_S = 0.02
-
-
-def exchange(
-    grid: Grid,
-    messages: list[Message],
-    *,
-    timeout: float | None = None,
-    stop: threading.Event | None = None,
-) -> list[Message]:
-    """Send messages and collect replies.
-
-    fedsim's grid delivers synchronously (no polling). Other grids (Flower's runtime,
-    a real SuperLink) are pulled in short steps so a ``stop`` request ends the wait.
-    """
-    if hasattr(grid, "client_directory") or stop is None:
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        if stop.is_set():
-            raise Stopped("stopped while waiting for client replies")
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        if pending and not got:
-            time.sleep(POLL_S)
-    return replies
-
-
-@contextmanager
-def pinned_global_random(seed: int) -> Iterator[None]:
-    """Pin the global ``random`` a third-party function reads, then restore it."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-class SubsetGrid(Grid):
-    """A view of a grid that shows a strategy only the nodes the coordinator sampled."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid = grid
-        self._node_ids = list(node_ids)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
-        return self._grid.create_message(*args, **kwargs)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
-
-
-class ClientDirectory:
-    """Maps fedsim client ids (data partitions) to the grid's node ids and back."""
-
-    def __init__(self, node_of: dict[int, int]) -> None:
-        self._node_of = node_of
-        self._client_of = {n: c for c, n in node_of.items()}
-
-    def node_of(self, cid: int) -> int:
-        return self._node_of[cid]
-
-    def client_of(self, node_id: int) -> int:
-        return self._client_of[node_id]
-
-    @classmethod
-    def discover(
-        cls,
-        grid: Grid,
-        num_clients: int,
-        *,
-        timeout_s: float = 120.0,
-        stop: threading.Event | None = None,
-    ) -> ClientDirectory:
-        """Ask every node for its ``partition-id`` (Flower runtime or real SuperNodes).
-
-        fedsim's own grid knows the mapping and is asked directly instead.
-        """
-        if hasattr(grid, "client_directory"):
-            return grid.client_directory()
-        deadline = time.monotonic() + timeout_s
-        while len(nodes := list(grid.get_node_ids())) < num_clients:
-            if stop is not None and stop.is_set():
-                raise Stopped("stopped while waiting for client nodes")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} of {num_clients} client nodes connected "
-                    f"within {timeout_s:.0f} s"
-                )
-            time.sleep(0.05)
-        msgs = [
-            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in sorted(nodes)
-        ]
-        node_of: dict[int, int] = {}
-        for reply in exchange(grid, msgs, timeout=timeout_s, stop=stop):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            cid = int(reply.content.metric_records["info"]["partition-id"])
-            if cid in node_of:
-                raise RuntimeError(f"two nodes claim partition-id {cid}")
-            node_of[cid] = reply.metadata.src_node_id
-        missing = sorted(set(range(num_clients)) - set(node_of))
-        if missing:
-            raise RuntimeError(f"no node answered for client ids {missing[:10]}")
-        return cls(node_of)
+class NotEnoughClients(RuntimeError):
+    """Too few clients came online within coordinator.max_wait_s of virtual time."""
 
 
 def sample_clients(seed: int, server_round: int, phase: str, k: int, num_clients: int) -> list[int]:
@@ -210,6 +98,9 @@ class Coordinator:
         stop: threading.Event | None = None,
         evaluate_trained: bool = False,
         fold_train: bool = False,
+        world: World | None = None,
+        policy: CoordinatorSection | None = None,
+        on_participation: ParticipationHook | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -225,9 +116,63 @@ class Coordinator:
         self.evaluate_trained = evaluate_trained
         # Hand a weighted-mean strategy one folded reply instead of the whole cohort.
         self.fold_train = fold_train
+        self.world = world
+        self.policy = policy or CoordinatorSection()
+        self.on_participation = on_participation
+        self.clock = 0.0  # virtual seconds since the run began
 
-    def sample(self, server_round: int, phase: str, k: int) -> list[int]:
-        return sample_clients(self.seed, server_round, phase, k, self.num_clients)
+    def sample(
+        self, server_round: int, phase: str, k: int, online: np.ndarray | None = None
+    ) -> list[int]:
+        """k distinct clients, sorted; among the ``online`` mask's clients when given."""
+        if online is None:
+            return sample_clients(self.seed, server_round, phase, k, self.num_clients)
+        ids = np.flatnonzero(online)
+        if k >= len(ids):
+            return ids.tolist()
+        rng = np_rng(self.seed, f"sample-online-{phase}", server_round)
+        return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
+
+    def _wait_for_clients(self, server_round: int) -> tuple[np.ndarray | None, int]:
+        """Advance the clock until ``min_replies`` clients are online (or give up)."""
+        if self.world is None:
+            return None, self.num_clients
+        p = self.policy
+        waited = 0.0
+        while True:
+            online = self.world.online(self.clock)
+            n = self.num_clients if online is None else int(online.sum())
+            if n >= p.min_replies:
+                return online, n
+            if waited >= p.max_wait_s:
+                raise NotEnoughClients(
+                    f"round {server_round}: only {n} client(s) online at virtual time "
+                    f"{self.clock:.0f} s after waiting {waited:.0f} s "
+                    f"(coordinator.max_wait_s); {p.min_replies} needed (coordinator.min_replies)"
+                )
+            step = min(p.wait_step_s, p.max_wait_s - waited)
+            waited += step
+            self.clock += step
+
+    def _plan(self, server_round: int, cids: list[int], arrays: ArrayRecord) -> RoundPlan:
+        world, p = self.world, self.policy
+        assert world is not None
+        ids = np.asarray(cids, dtype=np.int64)
+        if self._model_bytes is None:
+            self._model_bytes = sum(len(a.data) for a in arrays.values())
+        timing, steps = world.timing(ids, model_bytes=self._model_bytes, server_round=server_round)
+        dropped = world.dropout.dropped_many(ids, server_round)
+        return plan_round(
+            ids,
+            timing,
+            steps,
+            dropped,
+            k=self.train_cohort,
+            deadline_s=p.deadline_s,
+            partial=p.straggler_policy == "partial",
+            min_replies=p.min_replies,
+            min_round_s=p.min_round_s,
+        )
 
     def _exchange(
         self,
@@ -237,6 +182,7 @@ class Coordinator:
         phase: str,
         server_round: int,
         fold: bool = False,
+        expected_failures: int = 0,
     ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
         """Send, then return the replies in cohort order (by client id; None if missing).
 
@@ -254,12 +200,12 @@ class Coordinator:
         errors = [r for r in replies if r.has_error()]
         ok = len(replies) - len(errors)
         failed = len(msgs) - ok
-        if msgs and ok == 0:
+        if msgs and ok == 0 and len(msgs) > expected_failures:
             reason = errors[0].error.reason if errors else "no replies before the timeout"
             raise AllClientsFailed(
                 f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
             )
-        if errors:
+        if len(errors) > expected_failures:
             log.warning(
                 "round %d %s: %d client(s) failed, e.g. %s",
                 server_round,
@@ -278,21 +224,32 @@ class Coordinator:
         cids: list[int],
         arrays: ArrayRecord,
         fold: bool = False,
+        max_steps: dict[int, int] | None = None,
+        expected_failures: int = 0,
     ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
-        """Let the strategy configure ``phase`` for exactly ``cids``, then exchange."""
+        """Let the strategy configure ``phase`` for exactly ``cids``, then exchange.
+
+        ``max_steps`` caps a client's local optimizer steps (partial work of a straggler).
+        """
         if phase == "train":
             configure, key = self.strategy.configure_train, 0
         else:
             configure, key = self.strategy.configure_evaluate, 1
         view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
         with pinned_global_random(int_seed(self.seed, "strategy-random", server_round, key)):
-            msgs = configure(server_round, arrays, ConfigRecord(), view)
-        return self._exchange(grid, directory, msgs, phase, server_round, fold)
+            msgs = list(configure(server_round, arrays, ConfigRecord(), view))
+        if max_steps:
+            for m in msgs:
+                cid = directory.client_of(m.metadata.dst_node_id)
+                if cid in max_steps:
+                    m.content = _with_config(m.content, {MAX_STEPS_KEY: max_steps[cid]})
+        return self._exchange(grid, directory, msgs, phase, server_round, fold, expected_failures)
 
     def run(self, grid: Grid) -> CoordinatorResult:
         directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
         arrays = self.initial_arrays
         result = CoordinatorResult(arrays=arrays)
+        self._model_bytes: int | None = None
         if self.evaluate_fn is not None:
             init = self.evaluate_fn(0, arrays)
             if init is not None:
@@ -301,45 +258,94 @@ class Coordinator:
         for rnd in range(1, self.rounds + 1):
             t0 = time.perf_counter()
             record: dict[str, Any] = {"round": rnd}
+            online, n_online = self._wait_for_clients(rnd)
+            k = select_count(self.train_cohort, self.policy.over_commit, n_online)
+            cids = self.sample(rnd, "train", k, online)
+            plan = self._plan(rnd, cids, arrays) if self.world is not None else None
+            run_cids = cids if plan is None else ([] if plan.skipped else plan.to_run)
+            dropouts = 0 if plan is None else sum(plan.status[c] == DROPPED for c in run_cids)
 
-            cids = self.sample(rnd, "train", self.train_cohort)
-            ordered, ok, failed, sent, blocks = self._phase(
-                grid, directory, rnd, "train", cids, arrays, fold=self.fold_train
-            )
-            if self.fold_train and sent:
-                folded = fold_weighted_mean(
-                    ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
+            replies: list[Message] = []
+            ok = failed = 0
+            good: list[int] = []
+            if run_cids:
+                ordered, ok, failed, sent, blocks = self._phase(
+                    grid,
+                    directory,
+                    rnd,
+                    "train",
+                    run_cids,
+                    arrays,
+                    fold=self.fold_train,
+                    max_steps=None if plan is None else plan.max_steps,
+                    expected_failures=dropouts,
                 )
-                replies = [folded] if folded is not None else []
+                good = [
+                    c for c, r in zip(run_cids, ordered, strict=True) if r and not r.has_error()
+                ]
+                if self.fold_train:
+                    folded = fold_weighted_mean(
+                        ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
+                    )
+                    replies = [folded] if folded is not None else []
+                else:
+                    replies = [r for r in ordered if r is not None]
+            status = dict.fromkeys(cids, AGGREGATED) if plan is None else plan.status
+            for c in run_cids:  # a planned reply that failed for real is lost too
+                if status[c] == AGGREGATED and c not in good:
+                    status[c] = DROPPED
+            n_agg = sum(1 for c in run_cids if status[c] == AGGREGATED)
+            skipped = n_agg < self.policy.min_replies
+            train_metrics = None
+            if skipped:
+                log.warning(
+                    "round %d skipped: %d replies to aggregate, coordinator.min_replies = %d",
+                    rnd,
+                    n_agg,
+                    self.policy.min_replies,
+                )
+                for c in cids:
+                    if status[c] == AGGREGATED:
+                        status[c] = REPLIED
             else:
-                replies = [r for r in ordered if r is not None]
-            new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
+                new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+            if plan is not None:
+                self.clock += plan.duration_s
             record["train_loss"] = _get(train_metrics, "train_loss")
+            record["virtual_time_s"] = self.clock if self.world is not None else None
+            record["clients_online"] = n_online
             record["clients_selected"] = len(cids)
             record["clients_replied"] = ok
-            record["clients_failed"] = failed
+            record["clients_failed"] = failed - dropouts if failed >= dropouts else failed
+            record["clients_dropped"] = sum(1 for v in status.values() if v == DROPPED)
+            record["clients_late"] = sum(1 for v in status.values() if v == LATE)
+            record["clients_aggregated"] = 0 if skipped else n_agg
+            record["round_skipped"] = skipped
+            if self.on_participation is not None:
+                self.on_participation(rnd, online, status)
 
             client_eval: MetricRecord | None = None
             if self.eval_cohort > 0:
                 if self.evaluate_trained:
-                    ecids = cids
+                    ecids = [c for c in cids if status[c] == AGGREGATED]
                 else:
-                    ecids = self.sample(rnd, "evaluate", self.eval_cohort)
-                eordered, _, _, esent, _ = self._phase(
-                    grid, directory, rnd, "evaluate", ecids, arrays
-                )
-                # A client with an empty held-out split has nothing to report.
-                ereplies = [
-                    r
-                    for r in eordered
-                    if r is not None and not r.has_error() and num_examples(r) > 0
-                ]
-                if ereplies:
-                    # Every Flower strategy averages evaluation metrics by num-examples.
-                    folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
-                    client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
+                    ecids = self.sample(rnd, "evaluate", min(self.eval_cohort, n_online), online)
+                if ecids:
+                    eordered, _, _, esent, _ = self._phase(
+                        grid, directory, rnd, "evaluate", ecids, arrays
+                    )
+                    # A client with an empty held-out split has nothing to report.
+                    ereplies = [
+                        r
+                        for r in eordered
+                        if r is not None and not r.has_error() and num_examples(r) > 0
+                    ]
+                    if ereplies:
+                        # Every Flower strategy averages evaluation metrics by num-examples.
+                        folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
+                        client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
             record["client_eval_loss"] = _get(client_eval, "eval_loss")
             record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
 
@@ -353,3 +359,17 @@ class Coordinator:
 
         result.arrays = arrays
         return result
+
+
+def _with_config(content: RecordDict, extra: dict[str, int]) -> RecordDict:
+    """A copy of ``content`` whose ConfigRecord also carries ``extra`` (arrays shared)."""
+    out = RecordDict()
+    done = False
+    for key, rec in content.items():
+        if isinstance(rec, ConfigRecord) and not done:
+            rec = ConfigRecord({**dict(rec.items()), **extra})
+            done = True
+        out[key] = rec
+    if not done:
+        out["config"] = ConfigRecord(dict(extra))
+    return out

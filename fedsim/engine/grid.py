@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.engine.coordinator import ClientDirectory
+from fedsim.engine.messaging import ClientDirectory
 from fedsim.engine.fold import Block
 from fedsim.engine.pool import WorkerPool, balance, split_ranges
 

@@ -16,7 +16,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from clients.app import build_client_app
 from fedsim.data import AnyFederation as Federation
-from fedsim.engine.coordinator import CoordinatorResult, RoundHook
+from fedsim.engine.coordinator import CoordinatorResult, ParticipationHook, RoundHook
 from fedsim.engine.grid import RayGrid
 from fedsim.engine.pool import WorkerPool
 from fedsim.engine.ray_runtime import check_fit, start_ray, stop_ray
@@ -74,7 +74,13 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         stop_ray(self._started)
 
-    def run(self, fed: Federation, on_round: RoundHook | None = None) -> EngineResult:
+    def run(
+        self,
+        fed: Federation,
+        on_round: RoundHook | None = None,
+        on_participation: ParticipationHook | None = None,
+    ) -> EngineResult:
+        self._on_participation = on_participation
         if self.scn.simulation.engine == "flower":
             return self._run_flower(fed, on_round)
         return self._run_fedsim(fed, on_round)
@@ -106,7 +112,9 @@ class Engine:
                 pool, num_clients=scn.num_clients, cost=lambda cid: 1.0 + float(sizes[cid])
             )
             outcome = ServerOutcome()
-            app = build_server_app(scn, fed, outcome, on_round)
+            app = build_server_app(
+                scn, fed, outcome, on_round, on_participation=self._on_participation
+            )
             context = Context(
                 run_id=1,
                 node_id=SUPERLINK_NODE_ID,
@@ -126,7 +134,9 @@ class Engine:
         scn = self.scn
         stop = threading.Event()  # ends the ServerApp thread if the runtime fails
         outcome = ServerOutcome()
-        server_app = build_server_app(scn, fed, outcome, on_round, stop=stop)
+        server_app = build_server_app(
+            scn, fed, outcome, on_round, stop=stop, on_participation=self._on_participation
+        )
         client_app = build_client_app(scn.model_dump_json())
         res = scn.simulation.client_resources
         backend_config = {"client_resources": {"num_cpus": res.cpus, "num_gpus": res.gpus}}

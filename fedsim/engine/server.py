@@ -11,8 +11,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate_model
 from fedsim.data import AnyFederation as Federation
-from fedsim.engine.coordinator import Coordinator, CoordinatorResult, RoundHook
+from fedsim.engine.coordinator import (
+    Coordinator,
+    CoordinatorResult,
+    ParticipationHook,
+    RoundHook,
+)
 from fedsim.models import build_model
+from fedsim.world import World
 
 if TYPE_CHECKING:
     from fedsim.scenario import Scenario
@@ -51,11 +57,17 @@ class ServerOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def build_world(scn: Scenario, fed: Federation) -> World:
+    sizes = fed.train_sizes()
+    return World(scn, train_sizes=lambda cids: sizes[cids])
+
+
 def build_coordinator(
     scn: Scenario,
     fed: Federation,
     on_round: RoundHook | None,
     stop: threading.Event | None = None,
+    on_participation: ParticipationHook | None = None,
 ) -> Coordinator:
     s = scn.strategy
     return Coordinator(
@@ -71,6 +83,9 @@ def build_coordinator(
         stop=stop,
         evaluate_trained=s.evaluate_trained_clients,
         fold_train=type(s).weighted_mean,
+        world=build_world(scn, fed),
+        policy=scn.coordinator,
+        on_participation=on_participation,
     )
 
 
@@ -81,13 +96,14 @@ def build_server_app(
     on_round: RoundHook | None = None,
     *,
     stop: threading.Event | None = None,
+    on_participation: ParticipationHook | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.result = build_coordinator(scn, fed, on_round, stop).run(grid)
+            outcome.result = build_coordinator(scn, fed, on_round, stop, on_participation).run(grid)
         except BaseException as exc:  # re-raised by the engine after the runtime stops
             outcome.error = exc
 
