@@ -17,12 +17,14 @@ from pathlib import Path
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
-def run_pure(workload: str, rounds: int) -> dict:
+def run_pure(workload: str, rounds: int, shard: tuple[int, int] = (0, 1)) -> dict:
     """The physical reference: the same work in one process, one core, no framework.
 
     Same cohorts (the coordinator's sampler), same generated data, model, initial
     weights, local training, evaluation on each trained client's held-out data, and an
     example-weighted average of the trained weights, exactly as FedAvg computes it.
+    ``shard = (i, n)`` does only the i-th of n contiguous parts of each cohort (for
+    ``pure2``: the same work split over parallel processes).
     """
     import numpy as np
     import torch
@@ -46,6 +48,8 @@ def run_pure(workload: str, rounds: int) -> dict:
     for rnd in range(1, rounds + 1):
         t0 = time.perf_counter()
         cids = sample_clients(seed, rnd, "train", scn.train_cohort, scn.num_clients)
+        i, n = shard
+        cids = cids[len(cids) * i // n : len(cids) * (i + 1) // n]
         start = {k: torch.from_numpy(v) for k, v in global_np.items()}
         acc = {k: np.zeros_like(v) for k, v in global_np.items()}
         total = 0
@@ -74,6 +78,36 @@ def run_pure(workload: str, rounds: int) -> dict:
     return {"round_s": round_s, "ray_start_s": 0.0, "workers": 1}
 
 
+def run_parallel_pure(workload: str, rounds: int, n: int = 2) -> dict:
+    """``n`` pure loops at once, each on its part of every cohort: the compute floor of
+    the machine's ``n`` cores (memory bandwidth and caches are shared). No exchange
+    between them; round r's time is the slowest part's."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.contender",
+                workload,
+                "pure",
+                f"--rounds={rounds}",
+                f"--shard={i}/{n}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    parts = []
+    for p in procs:
+        out, _ = p.communicate()
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+        parts.append(json.loads(line.removeprefix("RESULT "))["round_s"])
+    return {"round_s": [max(r) for r in zip(*parts, strict=True)], "ray_start_s": 0.0, "workers": n}
+
+
 def run_engine(workload: str, engine: str, rounds: int) -> dict:
     from benchmarks.workloads import WORKLOADS
     from fedsim.results import read_metrics
@@ -95,12 +129,16 @@ def run_engine(workload: str, engine: str, rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("workload")
-    p.add_argument("contender", choices=["pure", "fedsim", "flower"])
+    p.add_argument("contender", choices=["pure", "pure2", "fedsim", "flower"])
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--shard", default="0/1", help="pure only: do part i of n of each cohort")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     if a.contender == "pure":
-        res = run_pure(a.workload, a.rounds)
+        i, n = (int(v) for v in a.shard.split("/"))
+        res = run_pure(a.workload, a.rounds, (i, n))
+    elif a.contender == "pure2":
+        res = run_parallel_pure(a.workload, a.rounds)
     else:
         res = run_engine(a.workload, a.contender, a.rounds)
     res["process_s"] = time.perf_counter() - t0

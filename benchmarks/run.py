@@ -149,6 +149,11 @@ def summarise(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str,
         row["workers"] = workers
         row["ideal_s"] = row["pure_steady_s"] / workers
         row["fedsim_over_ideal"] = row["fedsim_steady_s"] / row["ideal_s"]
+    if "pure2" in runs and "fedsim" in runs:
+        row["floor_s"] = row["pure2_steady_s"]
+        row["fedsim_over_floor"] = row["fedsim_steady_s"] / row["floor_s"]
+        if "ideal_s" in row:
+            row["floor_over_ideal"] = row["floor_s"] / row["ideal_s"]
     if "flower" in runs and "fedsim" in runs:
         row["flower_over_fedsim"] = row["flower_steady_s"] / row["fedsim_steady_s"]
     return row
@@ -194,7 +199,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         kn = f"{r['clients_per_round']}/{r['population']}"
-        for c in ("pure", "fedsim", "flower"):
+        for c in ("pure", "pure2", "fedsim", "flower"):
             if f"{c}_steady_s" not in r:
                 continue
             lines.append(
@@ -207,6 +212,11 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
             ratios.append(
                 f"ideal {r['ideal_s']:.3f} s ({r['workers']} workers), "
                 f"fedsim/ideal {r['fedsim_over_ideal']:.2f}x"
+            )
+        if "fedsim_over_floor" in r:
+            ratios.append(
+                f"2 pure loops at once {r['floor_over_ideal']:.2f}x ideal, "
+                f"fedsim/that {r['fedsim_over_floor']:.2f}x"
             )
         if "flower_over_fedsim" in r:
             ratios.append(f"flower/fedsim {r['flower_over_fedsim']:.1f}x")
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     p.add_argument("--rounds", type=int, help="rounds per run (default 6, quick 3)")
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--contenders", default="pure,fedsim,flower")
+    p.add_argument("--contenders", default="pure,pure2,fedsim,flower")
     a = p.parse_args(argv)
     reps = a.reps or (1 if a.quick else 3)
     rounds = a.rounds or (3 if a.quick else 6)

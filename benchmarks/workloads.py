@@ -14,7 +14,7 @@ BENCH_TINY = Path(__file__).resolve().parents[1] / "scenarios" / "bench_tiny.tom
 class Workload:
     name: str
     overrides: tuple[str, ...] = ()
-    contenders: tuple[str, ...] = ("pure", "fedsim", "flower")
+    contenders: tuple[str, ...] = ("pure", "pure2", "fedsim", "flower")
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -31,11 +31,13 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "tiny-1kof1k",
             ("strategy.clients_per_round=1000",),
+            contenders=("pure", "fedsim", "flower"),
             note="as tiny, all 1,000 clients every round",
         ),
         Workload(
             "mlp",
             ("model.name=mlp", "model.hidden=[128]"),
+            contenders=("pure", "fedsim", "flower"),
             note="MLP 784-128-10, otherwise as tiny-100of1k",
         ),
         Workload(
@@ -46,7 +48,7 @@ WORKLOADS: dict[str, Workload] = {
                 "data.num_clients=100",
                 "strategy.clients_per_round=20",
             ),
-            contenders=("pure", "fedsim"),
+            contenders=("pure", "pure2", "fedsim"),
             note="McMahan CNN on 28x28, 50 ex/client, B=10, E=1; 20 of 100 (compute-bound)",
         ),
         Workload(

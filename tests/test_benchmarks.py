@@ -23,9 +23,11 @@ def test_harness_smoke_prints_the_table_and_writes_json(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fedsim/ideal" in proc.stdout and "flower/fedsim" in proc.stdout
+    assert "2 pure loops at once" in proc.stdout
     doc = json.loads(out.read_text())
     row = doc["rows"]["smoke"]
-    for c in ("pure", "fedsim", "flower"):
+    for c in ("pure", "pure2", "fedsim", "flower"):
         assert row[f"{c}_steady_s"] > 0 and row[f"{c}_peak_tree_mb"] > 0
     assert row["fedsim_ray_start_s"] > 0 and row["fedsim_over_ideal"] > 0
+    assert row["fedsim_over_floor"] > 0 and row["floor_over_ideal"] > 0
     assert doc["raw"]["smoke"]["fedsim"][0]["round_s"].__len__() == 2
