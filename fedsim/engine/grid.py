@@ -16,8 +16,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.engine.messaging import ClientDirectory
 from fedsim.engine.fold import Block
+from fedsim.engine.messaging import ClientDirectory
 from fedsim.engine.pool import WorkerPool, balance, split_ranges
 
 NODE_ID_OFFSET = 1 << 16

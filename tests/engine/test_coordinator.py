@@ -136,7 +136,6 @@ class PlainGrid(RayGrid):
     """fedsim's grid without its pre-fold: the coordinator folds every reply itself,
     as it does under Flower's runtime or with real SuperNodes."""
 
-
     def __getattribute__(self, name):
         if name == "send_and_fold":
             raise AttributeError(name)

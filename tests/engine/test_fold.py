@@ -8,7 +8,6 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore.task_identity import TaskIdentity
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
