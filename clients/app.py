@@ -35,6 +35,7 @@ class _Env:
     dropout: Any = None  # fedsim.world.system.DropoutModel
     last_record: ArrayRecord | None = None
     last_state: dict[str, torch.Tensor] | None = None
+    holds: ArrayRecord | None = None  # the record env.model's weights equal, if unchanged
 
 
 @functools.lru_cache(maxsize=2)
@@ -76,7 +77,9 @@ def _load_arrays(env: _Env, msg: Message) -> None:
     if env.last_record is not record:
         env.last_state = record.to_torch_state_dict()
         env.last_record = record
-    env.model.load_state_dict(env.last_state)
+    if env.holds is not record:  # evaluation leaves the weights as they were loaded
+        env.model.load_state_dict(env.last_state)
+        env.holds = record
 
 
 _NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
@@ -122,6 +125,7 @@ def build_client_app(spec_json: str) -> ClientApp:
         mu = float(config.get("proximal-mu", scn.client.mu))
         max_steps = config.get("max-steps")  # a straggler's partial work (coordinator policy)
         _load_arrays(env, msg)
+        env.holds = None  # training changes the weights
         x, y = fed.train_data(cid)
         c = scn.client
         res = train_local(

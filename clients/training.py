@@ -68,6 +68,13 @@ def _as_tensors(
     return xt, yt
 
 
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    # Module.to walks every submodule even when nothing moves: skip it when in place.
+    p = next(model.parameters(), None)
+    if p is None or p.device != device:
+        model.to(device)
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a) if a.flags.writeable else torch.tensor(a)
 
@@ -107,7 +114,7 @@ def train_local(
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
 
     device = torch.device(device)
-    model.to(device)
+    _to_device(model, device)
     model.train()
     xt, yt = _as_tensors(x, y, device)
     n = len(xt)
@@ -168,7 +175,7 @@ def evaluate_model(
         return EvalResult(loss=0.0, accuracy=0.0, num_examples=0)
 
     was_training = model.training
-    model.to(device)
+    _to_device(model, device)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)

@@ -64,7 +64,7 @@ class ClientWorker:
             msg.metadata.__dict__["_message_id"] = "warm-up"
             fold = 0 if kind == MessageType.TRAIN else None  # warm the pre-fold too
             self.run(0, env.federation.num_clients, [(0, msg)], fold)
-        env.last_record = env.last_state = None
+        env.last_record = env.last_state = env.holds = None
         return time.perf_counter() - t0
 
     def run(
