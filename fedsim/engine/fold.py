@@ -42,7 +42,7 @@ def array_view(arr: Array) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(arr.dtype), offset=8 + size + hlen).reshape(arr.shape)
 
 
-def _records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
+def records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
     arrays = metrics = None
     for rec in content.values():
         if arrays is None and isinstance(rec, ArrayRecord):
@@ -56,7 +56,7 @@ def _records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
 
 def num_examples(reply: Message) -> float:
     """The reply's ``num-examples`` (the weight every Flower strategy averages by)."""
-    return float(_records(reply.content)[1][WEIGHT_KEY])  # type: ignore[arg-type]
+    return float(records(reply.content)[1][WEIGHT_KEY])  # type: ignore[arg-type]
 
 
 Sums = dict[str, np.ndarray]
@@ -182,7 +182,7 @@ def fold_weighted_mean(
     the mean takes the dtypes of the arrays it carries (the global model).
     """
     ok = [r is not None and not r.has_error() for r in replies]
-    metrics = [_records(r.content)[1] for r, good in zip(replies, ok, strict=True) if good]  # type: ignore[union-attr]
+    metrics = [records(r.content)[1] for r, good in zip(replies, ok, strict=True) if good]  # type: ignore[union-attr]
     if not metrics:
         return None
     content: dict[str, Any] = {"metrics": fold_metrics(metrics)}
@@ -194,7 +194,7 @@ def fold_weighted_mean(
             for pos, (r, good) in enumerate(zip(replies, ok, strict=True)):
                 term = None
                 if good:
-                    arrays, m = _records(r.content)  # type: ignore[union-attr]
+                    arrays, m = records(r.content)  # type: ignore[union-attr]
                     if arrays is None:
                         raise ValueError("a training reply carries no ArrayRecord")
                     first = first or arrays

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import ray
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf
+from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
 
 Batch = list[tuple[int, Message]]  # (client id, instruction)
 
@@ -45,7 +45,7 @@ class ClientWorker:
     def warm(self) -> float:
         """Load data and model and run one client through train and evaluate (replies
         discarded), so the first round measures the round, not lazy start-up work."""
-        from flwr.app import ArrayRecord, ConfigRecord, MessageType
+        from flwr.app import ConfigRecord, MessageType
         from flwr.supercore.task_identity import TaskIdentity
 
         from clients.app import _env
@@ -116,9 +116,11 @@ class ClientWorker:
         """The reply's term of the weighted sum, and the reply without its arrays."""
         if reply.has_error():
             return reply, None
-        arrays = next((v for v in reply.content.values() if isinstance(v, ArrayRecord)), None)
-        metrics = next((v for v in reply.content.values() if isinstance(v, MetricRecord)), None)
-        if arrays is None or metrics is None or WEIGHT_KEY not in metrics:
+        try:
+            arrays, metrics = records(reply.content)
+        except ValueError:
+            arrays = None
+        if arrays is None:
             reason = f"a training reply needs arrays and a MetricRecord with '{WEIGHT_KEY}'"
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg), None
         term = leaf(arrays, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]

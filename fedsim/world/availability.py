@@ -52,6 +52,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -71,6 +72,7 @@ from fedsim.world.config import (
     MembershipSection,
     TraceAvailability,
 )
+from fedsim.world.system import beta_spread
 
 TRACE_KEY = "churn.availability.path"
 SCHEDULE_KEY = "churn.membership.schedule"
@@ -81,7 +83,7 @@ SCHEDULE_COLUMNS = ("client_id", "join_s", "leave_s")
 MARKOV_MIX_CYCLES = 50.0
 
 
-class AvailabilityModel:
+class AvailabilityModel(ABC):
     """Base class: which clients are online at virtual time ``t``."""
 
     def __init__(self, spec: Section, *, num_clients: int, seed: int) -> None:
@@ -90,11 +92,11 @@ class AvailabilityModel:
         self.num_clients = num_clients
         self.seed = seed
 
+    @abstractmethod
     def online(self, t: float, query: int) -> np.ndarray | None:
         """Boolean mask, shape (num_clients,), of the clients online at virtual time ``t``
         (seconds); ``None`` means every client. ``t`` never decreases between calls;
         ``query`` grows by one per call."""
-        raise NotImplementedError
 
 
 AVAILABILITY: Registry[type[AvailabilityModel]] = Registry("availability model")
@@ -118,10 +120,8 @@ class AlwaysOnline(AvailabilityModel):
 class BernoulliOnline(AvailabilityModel):
     def __init__(self, spec: BernoulliAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)
-        p, c = spec.p_online, spec.concentration
-        self.p: float | np.ndarray = p
-        if c is not None and p < 1:  # Beta(c, 0) is degenerate at 1
-            self.p = np_rng(seed, "bernoulli_p").beta(p * c, (1 - p) * c, size=num_clients)
+        rng = np_rng(seed, "bernoulli_p")
+        self.p = beta_spread(spec.p_online, spec.concentration, num_clients, rng)
 
     def online(self, t: float, query: int) -> np.ndarray | None:
         return np_rng(self.seed, "bernoulli", query).random(self.num_clients) < self.p

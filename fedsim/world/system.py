@@ -33,6 +33,14 @@ def draw(dist: DistSpec, n: int, rng: np.random.Generator) -> Value:
     return dist.median * np.exp(dist.sigma * rng.standard_normal(n))
 
 
+def beta_spread(p: float, concentration: float | None, n: int, rng: np.random.Generator) -> Value:
+    """Per-client probabilities p_i ~ Beta(p c, (1 - p) c) (mean p), or p for everyone
+    without a concentration (or when p is 0 or 1, where that Beta is degenerate)."""
+    if concentration is None or not 0 < p < 1:
+        return float(p)
+    return rng.beta(p * concentration, (1 - p) * concentration, size=n)
+
+
 def _pick(v: Value, cids: np.ndarray) -> np.ndarray:
     return np.full(len(cids), v) if isinstance(v, float) else v[cids]
 
@@ -137,10 +145,7 @@ class DropoutModel:
 
     def __init__(self, spec: DropoutSection, *, num_clients: int, seed: int) -> None:
         self.seed = seed
-        self.p: Value = float(spec.p)
-        if spec.concentration is not None and 0 < spec.p < 1:
-            c = spec.concentration
-            self.p = np_rng(seed, "dropout-p").beta(spec.p * c, (1 - spec.p) * c, num_clients)
+        self.p = beta_spread(spec.p, spec.concentration, num_clients, np_rng(seed, "dropout-p"))
 
     @property
     def active(self) -> bool:
