@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.training import evaluate_model, pick_device, train_local
+from fedsim.arrays import to_array, torch_state
 from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
 from fedsim.rng import torch_generator
@@ -75,36 +76,15 @@ def _load_arrays(env: _Env, msg: Message) -> None:
     # Every message of a batch carries the same ArrayRecord object (the global model):
     # deserialise it once per batch, not once per client.
     if env.last_record is not record:
-        env.last_state = record.to_torch_state_dict()
+        env.last_state = torch_state(record)
         env.last_record = record
     if env.holds is not record:  # evaluation leaves the weights as they were loaded
         env.model.load_state_dict(env.last_state)
         env.holds = record
 
 
-_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def _to_array(t: torch.Tensor) -> Array:
-    """``Array(ndarray)`` with the same bytes, minus np.save's per-call header work."""
-    a = t.detach().cpu().numpy()
-    if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
-        a = a.copy(order="C")
-    key = (a.dtype.str, a.shape)
-    header = _NPY_HEADERS.get(key)
-    if header is None:
-        ref = Array(a)  # Flower's own serialisation, once per dtype and shape
-        header = _NPY_HEADERS[key] = ref.data[: len(ref.data) - a.nbytes]
-    return Array(
-        dtype=str(a.dtype),
-        shape=a.shape,
-        stype="numpy.ndarray",
-        data=b"".join((header, memoryview(a).cast("B"))),  # one copy, not two
-    )
-
-
 def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: _to_array(v) for k, v in state.items()})
+    return ArrayRecord({k: to_array(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
 def build_client_app(spec_json: str) -> ClientApp:

@@ -5,16 +5,19 @@ For strategies whose aggregate depends on the replies only through their
 coordinator hands the strategy a single reply carrying that mean, with ``num-examples``
 = the total. The strategy's own code then runs unchanged (its weight is exactly 1.0).
 
-Arrays are summed as ``sum_i n_i * x_i`` in float64 over a **fixed pairwise tree** on
-the clients' positions in the cohort (sorted by client id), then divided by
-``sum_i n_i`` and cast back to the array's dtype. The tree makes the sum streamable and
+Arrays are summed as ``sum_i n_i * x_i`` over a **fixed pairwise tree** on the clients'
+positions in the cohort (sorted by client id), then divided by ``sum_i n_i`` and cast
+back to the array's dtype. Sums are kept in the array's own floating dtype (float32 for
+float32 and narrower floats, float64 for float64 and for integer arrays). A pairwise
+tree's rounding error bound grows with log2(K), not K, so float32 sums stay within a few
+ulps of the exact mean while moving half the bytes of float64 ones. The tree makes the sum streamable and
 splittable: a worker that hosts a contiguous range of positions folds its clients as
 they finish into at most ~2 log2(K) partial sums of whole subtrees (``TreeFold``), and
 ``combine`` finishes the same tree from any such pieces. So the result is bit-identical
 whether the coordinator folds every reply itself (Flower's runtime, real SuperNodes) or
 fedsim's workers pre-fold, for any number of workers, and no more than O(log K) models
-are ever held at once. (Float64 also makes it more exact than Flower's float32
-``aggregate_arrayrecords``; the two agree to float32 rounding.) Metrics are folded with
+are ever held at once. (The result agrees with Flower's ``aggregate_arrayrecords`` to
+float32 rounding, not bit for bit.) Metrics are folded with
 Flower's ``aggregate_metricrecords`` arithmetic, in client-id order.
 """
 
@@ -23,23 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedsim.arrays import array_view, to_array
 
 WEIGHT_KEY = "num-examples"
-
-
-def array_view(arr: Array) -> np.ndarray:
-    """A read-only numpy view of a Flower ``Array`` (npy bytes) without copying."""
-    data = arr.data
-    if arr.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY":
-        return arr.numpy()
-    major = data[6]
-    size = 2 if major == 1 else 4
-    hlen = int.from_bytes(data[8 : 8 + size], "little")
-    header = data[8 + size : 8 + size + hlen]
-    if b"'fortran_order': True" in header:
-        return arr.numpy()
-    return np.frombuffer(data, dtype=np.dtype(arr.dtype), offset=8 + size + hlen).reshape(arr.shape)
 
 
 def records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -63,9 +54,26 @@ Sums = dict[str, np.ndarray]
 Block = tuple[int, int, "Sums | None"]  # (level, index, sum): positions [i*2^l, (i+1)*2^l)
 
 
+def sum_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a weighted sum of ``dtype`` arrays is kept in: the array's own floating
+    dtype, at least float32; float64 for integer and boolean arrays."""
+    if np.issubdtype(dtype, np.floating):
+        return np.result_type(dtype, np.float32)
+    return np.dtype(np.float64)
+
+
 def leaf(arrays: ArrayRecord, weight: float) -> Sums:
-    """One client's term of the weighted sum: ``weight * x`` in float64 (exact)."""
-    return {k: array_view(a).astype(np.float64) * weight for k, a in arrays.items()}
+    """One client's term of the weighted sum: ``weight * x``, in ``sum_dtype``."""
+    out = {}
+    for k, a in arrays.items():
+        x = array_view(a)
+        acc = sum_dtype(x.dtype)
+        if x.dtype == acc:
+            out[k] = x * acc.type(weight)
+        else:  # (a cast then an in-place product beats np.multiply(..., dtype=acc))
+            out[k] = x.astype(acc)
+            out[k] *= acc.type(weight)
+    return out
 
 
 def _merge(left: Sums | None, right: Sums | None) -> Sums | None:
@@ -166,6 +174,13 @@ def _dtypes(*records: ArrayRecord | None) -> dict[str, np.dtype]:
     return {}
 
 
+def _mean(total: np.ndarray, weight: float) -> np.ndarray:
+    w = total.dtype.type(weight)
+    if total.flags.writeable:  # our own accumulator: divide in place
+        return np.divide(total, w, out=total)
+    return np.asarray(total / w)
+
+
 def fold_weighted_mean(
     replies: list[Message | None],
     *,
@@ -208,7 +223,7 @@ def fold_weighted_mean(
         dtypes = _dtypes(sent, first)
         content["arrays"] = ArrayRecord(
             {
-                k: Array(np.asarray(v / weight).astype(dtypes.get(k, np.float32)))
+                k: to_array(_mean(v, weight).astype(dtypes.get(k, np.float32), copy=False))
                 for k, v in total.items()
             }
         )

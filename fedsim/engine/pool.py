@@ -7,7 +7,9 @@ actor, carrying that actor's whole batch of messages: no per-client task, no pol
 
 from __future__ import annotations
 
+import gc
 import heapq
+import io
 import pickle
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,32 @@ WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
     "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
 }
+
+
+# The global model a worker was last sent, by token (see ``WorkerPool._pack``). A module
+# global because unpickling resolves references to it through ``_held_record``; each
+# actor process hosts one ClientWorker.
+_HELD: dict[int, ArrayRecord] = {}
+
+
+def _held_record(token: int) -> ArrayRecord:
+    try:
+        return _HELD[token]
+    except KeyError:
+        raise RuntimeError(f"worker does not hold record {token}") from None
+
+
+def _shared_record(batches: Sequence[Batch]) -> ArrayRecord | None:
+    """The ArrayRecord the phase's instructions share (the global model), if any: the
+    first message's. Others are pickled whole."""
+    for batch in batches:
+        for _, msg in batch:
+            if msg.has_content():
+                for rec in msg.content.values():
+                    if isinstance(rec, ArrayRecord):
+                        return rec
+            return None
+    return None
 
 
 class ClientWorker:
@@ -65,6 +93,10 @@ class ClientWorker:
             fold = 0 if kind == MessageType.TRAIN else None  # warm the pre-fold too
             self.run(0, env.federation.num_clients, [(0, msg)], fold)
         env.last_record = env.last_state = env.holds = None
+        # Exempt what start-up built from the cyclic GC's full scans (see
+        # fedsim.engine.run.frozen_heap); the actor lives for one run.
+        gc.collect()
+        gc.freeze()
         return time.perf_counter() - t0
 
     def run(
@@ -99,17 +131,38 @@ class ClientWorker:
         return replies if tree is None else (replies, tree.blocks)
 
     def run_packed(
-        self, run_id: int, num_clients: int, batch: bytes, fold_from: int | None = None
-    ) -> bytes:
-        """``run`` with the batch and the result pickled by the caller and here.
+        self,
+        run_id: int,
+        num_clients: int,
+        batch: bytes,
+        fold_from: int | None = None,
+        token: int | None = None,
+        record: bytes | None = None,
+    ) -> bytes | tuple[bytes, list[Block]]:
+        """``run`` with the batch and the replies pickled by the caller and here.
 
         Ray serialises call arguments with cloudpickle, whose pure-Python reducer hook
         visits every object of every Flower Message; the C pickler does the same job
         several times faster (measured: about 0.8 ms less per call per actor). Only
-        fedsim's own driver and workers exchange these bytes.
+        fedsim's own driver and workers exchange these bytes. Partial sums (a few numpy
+        arrays) are returned as they are: Ray moves them out of band through its object
+        store and the driver reads them in place, where pickling them in the bytes
+        would copy each model-sized array twice more on each side.
+
+        The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (its
+        pickle, put in Ray's object store once for all actors) comes only when this
+        worker does not hold that token yet. So a model already sent for evaluation is
+        not sent again for the next round's training, and the client app finds the very
+        object whose weights its model still holds.
         """
+        if record is not None:
+            _HELD.clear()
+            _HELD[token] = pickle.loads(record)  # type: ignore[index]
         result = self.run(run_id, num_clients, pickle.loads(batch), fold_from)
-        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        if fold_from is None:
+            return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        replies, blocks = result
+        return pickle.dumps(replies, protocol=pickle.HIGHEST_PROTOCOL), blocks
 
     @staticmethod
     def _fold(reply: Message, msg: Message) -> tuple[Message, Sums | None]:
@@ -144,6 +197,23 @@ class WorkerPool:
             .remote(spec_json, torch_threads)
         )
         self.actors = [self._make() for _ in range(num_workers)]
+        self._held: list[int | None] = [None] * num_workers  # token each actor holds
+        self._shared: tuple[ArrayRecord, int] | None = None  # last shared record, token
+
+    def _pack(self, batch: Batch, record: ArrayRecord | None, token: int | None) -> bytes:
+        """Pickle a batch with the shared record replaced by a reference to ``token``."""
+        buf = io.BytesIO()
+        p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+        if record is not None:
+            # Consulted for ArrayRecords only (a C-level type lookup), once per distinct
+            # record: the pickle memo covers repeats.
+            p.dispatch_table = {
+                ArrayRecord: lambda r: (
+                    (_held_record, (token,)) if r is record else r.__reduce_ex__(5)
+                )
+            }
+        p.dump(batch)
+        return buf.getvalue()
 
     @property
     def size(self) -> int:
@@ -174,16 +244,32 @@ class WorkerPool:
         ranges) the actors pre-fold the weighted sum and the partial sums come back too;
         a failed or late batch contributes empty sums over its range.
         """
-        refs = {
-            self.actors[i].run_packed.remote(
+        record = _shared_record(batches)
+        token = None
+        if record is not None:
+            if self._shared is None or self._shared[0] is not record:
+                self._shared = (record, (self._shared[1] + 1) if self._shared else 0)
+            token = self._shared[1]
+        record_ref = None
+        refs = {}
+        for i, b in enumerate(batches):
+            if not b:
+                continue
+            send = None
+            if token is not None and self._held[i] != token:
+                if record_ref is None:  # once per phase, for every actor that needs it
+                    record_ref = ray.put(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+                send = record_ref
+            ref = self.actors[i].run_packed.remote(
                 run_id,
                 num_clients,
-                pickle.dumps(b, protocol=pickle.HIGHEST_PROTOCOL),
+                self._pack(b, record, token),
                 None if fold_from is None else fold_from[i],
-            ): i
-            for i, b in enumerate(batches)
-            if b
-        }
+                token,
+                send,
+            )
+            self._held[i] = token
+            refs[ref] = i
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         replies: list[Message] = []
         blocks: list[Block] = []
@@ -191,7 +277,8 @@ class WorkerPool:
         for ref in ready:
             i = refs[ref]
             try:
-                got = pickle.loads(ray.get(ref))
+                got = ray.get(ref)
+                got = pickle.loads(got) if fold_from is None else (pickle.loads(got[0]), got[1])
             except ray.exceptions.RayError as exc:
                 # The actor died (e.g. out of memory): its clients fail this phase.
                 reason = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -201,6 +288,7 @@ class WorkerPool:
                 )
                 lost.append(i)
                 self.actors[i] = self._make()
+                self._held[i] = None
                 continue
             if fold_from is None:
                 replies.extend(got)
@@ -212,6 +300,7 @@ class WorkerPool:
             lost.append(i)
             ray.kill(self.actors[i])
             self.actors[i] = self._make()
+            self._held[i] = None
         if fold_from is not None:
             for i in lost:
                 empty = TreeFold()

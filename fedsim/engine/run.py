@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -42,6 +43,23 @@ def quiet_flower(level: int = logging.CRITICAL) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep everything alive now (modules, Ray, torch, the federation) out of the cyclic
+    garbage collector's scans while the rounds run.
+
+    Flower messages make cyclic garbage every round, so full collections keep coming,
+    and each one walks every object of the process: measured, 180 ms stalls of the
+    driver between a round's train and evaluate phases. Frozen objects are skipped.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Engine:
@@ -122,7 +140,7 @@ class Engine:
                 state=RecordDict(),
                 run_config={},
             )
-            with quiet_flower():
+            with quiet_flower(), frozen_heap():
                 app(grid, context)
             return self._finish(outcome)
         finally:

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate_model
+from fedsim.arrays import torch_state
 from fedsim.data import AnyFederation as Federation
 from fedsim.engine.coordinator import (
     Coordinator,
@@ -39,7 +40,7 @@ def make_evaluate_fn(scn: Scenario, fed: Federation):
     )
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(torch_state(arrays))
         res = evaluate_model(
             model, fed.x_test, fed.y_test, batch_size=max(scn.client.eval_batch_size, 512)
         )

@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.engine.fold import TreeFold, array_view, combine, fold_weighted_mean, leaf
+from fedsim.engine.fold import TreeFold, array_view, combine, fold_weighted_mean, leaf, sum_dtype
 from fedsim.engine.pool import split_ranges
 
 
@@ -55,13 +55,14 @@ def test_fold_equals_flowers_weighted_aggregate():
     for k in ("w", "b"):
         got = folded.content["arrays"][k].numpy()
         assert got.dtype == np.float32
-        # float64 sums: equal to Flower's float32 arithmetic up to its rounding
+        # float32 pairwise sums: equal to Flower's float32 arithmetic up to its rounding
         np.testing.assert_allclose(got, ref_arrays[k].numpy(), rtol=1e-5, atol=1e-6)
         exact = sum(
             r.content["arrays"][k].numpy().astype(np.float64) * r.content["metrics"]["num-examples"]
             for r in replies
         ) / sum(r.content["metrics"]["num-examples"] for r in replies)
-        assert np.array_equal(got, exact.astype(np.float32))
+        # and within a few float32 ulps of the exact mean
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-7)
     got = folded.content["metrics"]
     # metrics: Flower's arithmetic, in the same order, bit for bit
     assert got["train_loss"] == ref_metrics["train_loss"] and got["hist"] == ref_metrics["hist"]
@@ -69,6 +70,25 @@ def test_fold_equals_flowers_weighted_aggregate():
     # and FedAvg on the single folded reply returns the same arrays (its weight is 1.0)
     arrays, _ = FedAvg().aggregate_train(1, [folded])
     assert arrays["w"].numpy().tobytes() == folded.content["arrays"]["w"].numpy().tobytes()
+
+
+def test_fold_keeps_float64_arrays_in_float64():
+    rng = np.random.default_rng(3)
+    replies = [
+        _reply(
+            i, rng.standard_normal((7, 5)), rng.standard_normal(5), int(rng.integers(1, 100)), 0.5
+        )
+        for i in range(6)
+    ]
+    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=replies[0])
+    got = folded.content["arrays"]["w"].numpy()
+    assert got.dtype == np.float64
+    exact = sum(
+        r.content["arrays"]["w"].numpy() * r.content["metrics"]["num-examples"] for r in replies
+    ) / sum(r.content["metrics"]["num-examples"] for r in replies)
+    np.testing.assert_allclose(got, exact, rtol=1e-14)
+    assert sum_dtype(np.dtype(np.float16)) == np.float32
+    assert sum_dtype(np.dtype(np.int64)) == np.float64
 
 
 def _terms(replies: list[Message | None]) -> list:
@@ -155,3 +175,23 @@ def test_array_view_reads_npy_bytes_without_copying():
     assert np.array_equal(v, a) and v.dtype == a.dtype and not v.flags.writeable
     f = Array(np.asfortranarray(a))
     assert np.array_equal(array_view(f), a)
+
+
+def test_float32_tree_error_stays_within_a_few_ulps_at_1000_clients():
+    # The README quotes these numbers: the pairwise tree's error grows with log2(K).
+    rng = np.random.default_rng(0)
+    k, d = 1000, 20_000
+    xs = rng.standard_normal((k, d)).astype(np.float32) + np.float32(0.3)
+    ns = rng.integers(1, 600, k)
+    tree = TreeFold()
+    for i in range(k):
+        tree.add(i, {"a": xs[i] * np.float32(ns[i])})
+    got = combine(tree.blocks)["a"] / np.float32(ns.sum())
+    exact = (xs.astype(np.float64) * ns[:, None]).sum(0) / ns.sum()
+    seq = np.zeros(d, np.float32)
+    for i in range(k):
+        seq += xs[i] * np.float32(ns[i] / ns.sum())
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    tree_ulps = (np.abs(got - exact) / ulp).max()
+    seq_ulps = (np.abs(seq - exact) / ulp).max()
+    assert tree_ulps <= 3 and seq_ulps >= 20, (tree_ulps, seq_ulps)
