@@ -1,0 +1,109 @@
+"""The Ray worker pool: batches of real ClientApp calls, the global model held across phases."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import ray
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsim.engine import pool as pool_mod
+from fedsim.engine.fold import combine
+from fedsim.engine.pool import WorkerPool
+from fedsim.models import build_model
+from fedsim.scenario import load_scenario
+
+NUM_CLIENTS = 8
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return load_scenario(None, [f"data.num_clients={NUM_CLIENTS}", "strategy.clients_per_round=4"])
+
+
+def _model(scn, seed: int) -> ArrayRecord:
+    from fedsim.data import load_federation
+
+    fed = load_federation(scn.data, seed=scn.run.seed)
+    m = build_model(scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=seed)
+    return ArrayRecord(m.state_dict())
+
+
+def _batches(record: ArrayRecord, kind: str, rnd: int, tag: str):
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    content = RecordDict({"arrays": record, "config": ConfigRecord({"server-round": rnd})})
+    out = []
+    for cids in ((0, 1, 2, 3), (4, 5, 6, 7)):
+        batch = []
+        for cid in cids:
+            msg = Message(content, dst_node_id=cid + 1, message_type=kind)
+            msg.metadata.__dict__["_message_id"] = f"{tag}-{cid}"
+            batch.append((cid, msg))
+        out.append(batch)
+    return out
+
+
+def _train(pool, record, rnd, tag):
+    replies, blocks = pool.run(
+        1, NUM_CLIENTS, _batches(record, MessageType.TRAIN, rnd, tag), fold_from=[0, 4]
+    )
+    assert not any(r.has_error() for r in replies)
+    return {k: v.copy() for k, v in combine(blocks).items()}
+
+
+def _evaluate(pool, record, rnd, tag):
+    replies, _ = pool.run(1, NUM_CLIENTS, _batches(record, MessageType.EVALUATE, rnd, tag))
+    assert not any(r.has_error() for r in replies)
+    return sorted((r.metadata.reply_to_message_id, r.content["metrics"]["eval_loss"]) for r in replies)
+
+
+def test_a_batch_refers_to_the_held_record_instead_of_carrying_it(scenario):
+    record = _model(scenario, 1)
+    batch = _batches(record, MessageType.TRAIN, 1, "t")[0]
+    pool = WorkerPool.__new__(WorkerPool)  # _pack needs no actors
+    packed = pool._pack(batch, record, 7)
+    full = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    model_bytes = sum(len(a.data) for a in record.values())
+    assert len(full) > model_bytes > 20 * len(packed)
+    other = _model(scenario, 2)
+    pool_mod._HELD.clear()
+    pool_mod._HELD[7] = other
+    got = pickle.loads(packed)
+    assert all(m.content["arrays"] is other for _, m in got)  # resolved to the held object
+    pool_mod._HELD.clear()
+    with pytest.raises(RuntimeError, match="does not hold record 7"):
+        pickle.loads(packed)
+
+
+def test_held_records_give_the_same_results_as_sending_every_time(scenario, ray_cluster):
+    spec = scenario.model_dump_json()
+    a, b = _model(scenario, 1), _model(scenario, 2)
+    pool = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        pool.warm()
+        sums_a = _train(pool, a, 1, "r1")
+        assert pool._held == [0, 0]
+        ev_a = _evaluate(pool, a, 1, "e1")  # same record: not sent again
+        assert pool._held == [0, 0]
+        sums_b = _train(pool, b, 2, "r2")  # a new record gets a new token
+        assert pool._held == [1, 1]
+        ray.kill(pool.actors[0])  # a lost worker is replaced and sent the record again
+        replies, _ = pool.run(1, NUM_CLIENTS, _batches(b, MessageType.EVALUATE, 2, "x"))
+        assert sum(r.has_error() for r in replies) == 4 and pool._held == [None, 1]
+        ev_b = _evaluate(pool, b, 2, "e2")
+        assert pool._held == [1, 1]
+    finally:
+        pool.shutdown()
+    fresh = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        fresh.warm()
+        assert _evaluate(fresh, a, 1, "e1") == ev_a
+        assert _evaluate(fresh, b, 2, "e2") == ev_b
+        for got, ref in ((sums_a, _train(fresh, a, 1, "r1")), (sums_b, _train(fresh, b, 2, "r2"))):
+            assert got.keys() == ref.keys()
+            assert all(np.array_equal(got[k], ref[k]) for k in got)
+    finally:
+        fresh.shutdown()
