@@ -19,7 +19,7 @@ from clients.app import build_client_app
 from fedsim.data import AnyFederation as Federation
 from fedsim.engine.coordinator import CoordinatorResult, ParticipationHook, RoundHook
 from fedsim.engine.grid import RayGrid
-from fedsim.engine.pool import WorkerPool
+from fedsim.engine.pool import WorkerPool, keep_freed_buffers
 from fedsim.engine.ray_runtime import check_fit, start_ray, stop_ray
 from fedsim.engine.server import ServerOutcome, build_server_app
 
@@ -122,6 +122,7 @@ class Engine:
             torch_threads=sim.torch_threads,
         )
         try:
+            keep_freed_buffers()
             pool.warm()
             self.timings["workers"] = n
             self.timings["workers_start_s"] = time.perf_counter() - t0
