@@ -261,17 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="write all results to this file")
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
-    p.add_argument("--rounds", type=int, help="rounds per run (default 6, quick 3)")
+    p.add_argument("--rounds", type=int, help="rounds per run (default 6, cnn 10; quick 3 for all)")
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")
     p.add_argument("--contenders", default="pure,pure2,fedsim,flower")
     a = p.parse_args(argv)
     reps = a.reps or (1 if a.quick else 3)
-    rounds = a.rounds or (3 if a.quick else 6)
+    default_rounds = 3 if a.quick else 6
     names = a.workloads.split(",") if a.workloads else list(QUICK if a.quick else FULL)
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         p.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     wanted = set(a.contenders.split(","))
+    # --rounds, else --quick's 3, else the workload's own, else 6
+    rounds = {
+        n: a.rounds or (default_rounds if a.quick else WORKLOADS[n].rounds or default_rounds)
+        for n in names
+    }
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in names:
         contenders = [c for c in WORKLOADS[name].contenders if c in wanted]
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(reps):
             for c in contenders:
                 print(f"[{name}] {c} run {rep + 1}/{reps} ...", file=sys.stderr, flush=True)
-                raw[name][c].append(measure(name, c, rounds))
+                raw[name][c].append(measure(name, c, rounds[name]))
     rows = {n: summarise(n, r) for n, r in raw.items()}
     derived = derive(rows)
     targets = check_targets(rows, derived)

@@ -15,8 +15,9 @@ import pickle
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import ray
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
@@ -32,6 +33,9 @@ WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
     "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
 }
+
+
+INLINE_RECORD_BYTES = 2**20
 
 
 def keep_freed_buffers() -> bool:
@@ -63,6 +67,27 @@ def _held_record(token: int) -> ArrayRecord:
         return _HELD[token]
     except KeyError:
         raise RuntimeError(f"worker does not hold record {token}") from None
+
+
+PackedRecord = list[tuple[str, str, tuple[int, ...], str, np.ndarray]]
+
+
+def _pack_record(record: ArrayRecord) -> PackedRecord:
+    """The record with each Array's bytes as a numpy view: Ray moves those out of band,
+    so the driver copies them once into the object store and a worker once out of it
+    (pickling the bytes would add a copy on each side)."""
+    return [
+        (k, a.dtype, a.shape, a.stype, np.frombuffer(a.data, np.uint8)) for k, a in record.items()
+    ]
+
+
+def _unpack_record(packed: PackedRecord) -> ArrayRecord:
+    return ArrayRecord(
+        {
+            k: Array(dtype=dtype, shape=shape, stype=stype, data=data.tobytes())
+            for k, dtype, shape, stype, data in packed
+        }
+    )
 
 
 def _shared_record(batches: Sequence[Batch]) -> ArrayRecord | None:
@@ -157,7 +182,7 @@ class ClientWorker:
         batch: bytes,
         fold_from: int | None = None,
         token: int | None = None,
-        record: bytes | None = None,
+        record: PackedRecord | None = None,
     ) -> bytes | tuple[bytes, list[Block]]:
         """``run`` with the batch and the replies pickled by the caller and here.
 
@@ -169,15 +194,15 @@ class ClientWorker:
         store and the driver reads them in place, where pickling them in the bytes
         would copy each model-sized array twice more on each side.
 
-        The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (its
-        pickle, put in Ray's object store once for all actors) comes only when this
-        worker does not hold that token yet. So a model already sent for evaluation is
+        The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (see
+        ``_pack_record``; put in Ray's object store once for all actors when large)
+        comes only when this worker does not hold that token yet. So a model already sent for evaluation is
         not sent again for the next round's training, and the client app finds the very
         object whose weights its model still holds.
         """
         if record is not None:
             _HELD.clear()
-            _HELD[token] = pickle.loads(record)  # type: ignore[index]
+            _HELD[token] = _unpack_record(record)  # type: ignore[index]
         result = self.run(run_id, num_clients, pickle.loads(batch), fold_from)
         if fold_from is None:
             return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
@@ -278,7 +303,11 @@ class WorkerPool:
             send = None
             if token is not None and self._held[i] != token:
                 if record_ref is None:  # once per phase, for every actor that needs it
-                    record_ref = ray.put(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+                    data = _pack_record(record)
+                    # A large record goes into the object store once for all actors; a
+                    # small one rides inline in each call (cheaper than a put and a fetch).
+                    size = sum(b.nbytes for *_, b in data)
+                    record_ref = ray.put(data) if size > INLINE_RECORD_BYTES else data
                 send = record_ref
             ref = self.actors[i].run_packed.remote(
                 run_id,
