@@ -296,7 +296,7 @@ class WorkerPool:
                 self._shared = (record, (self._shared[1] + 1) if self._shared else 0)
             token = self._shared[1]
         record_ref = None
-        refs = {}
+        calls = []
         for i, b in enumerate(batches):
             if not b:
                 continue
@@ -306,19 +306,18 @@ class WorkerPool:
                     data = _pack_record(record)
                     # A large record goes into the object store once for all actors; a
                     # small one rides inline in each call (cheaper than a put and a fetch).
-                    size = sum(b.nbytes for *_, b in data)
+                    size = sum(a.nbytes for *_, a in data)
                     record_ref = ray.put(data) if size > INLINE_RECORD_BYTES else data
                 send = record_ref
-            ref = self.actors[i].run_packed.remote(
-                run_id,
-                num_clients,
-                self._pack(b, record, token),
-                None if fold_from is None else fold_from[i],
-                token,
-                send,
+            start = None if fold_from is None else fold_from[i]
+            calls.append(
+                (i, (run_id, num_clients, self._pack(b, record, token), start, token, send))
             )
+        # Pack every batch first, then submit back to back: the workers start together.
+        refs = {}
+        for i, args in calls:
+            refs[self.actors[i].run_packed.remote(*args)] = i
             self._held[i] = token
-            refs[ref] = i
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         replies: list[Message] = []
         blocks: list[Block] = []
