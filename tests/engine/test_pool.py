@@ -57,7 +57,9 @@ def _train(pool, record, rnd, tag):
 def _evaluate(pool, record, rnd, tag):
     replies, _ = pool.run(1, NUM_CLIENTS, _batches(record, MessageType.EVALUATE, rnd, tag))
     assert not any(r.has_error() for r in replies)
-    return sorted((r.metadata.reply_to_message_id, r.content["metrics"]["eval_loss"]) for r in replies)
+    return sorted(
+        (r.metadata.reply_to_message_id, r.content["metrics"]["eval_loss"]) for r in replies
+    )
 
 
 def test_a_batch_refers_to_the_held_record_instead_of_carrying_it(scenario):
