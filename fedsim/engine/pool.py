@@ -196,9 +196,9 @@ class ClientWorker:
 
         The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (see
         ``_pack_record``; put in Ray's object store once for all actors when large)
-        comes only when this worker does not hold that token yet. So a model already sent for evaluation is
-        not sent again for the next round's training, and the client app finds the very
-        object whose weights its model still holds.
+        comes only when this worker does not hold that token yet. So a model already
+        sent for evaluation is not sent again for the next round's training, and the
+        client app finds the very object whose weights its model still holds.
         """
         if record is not None:
             _HELD.clear()
@@ -243,7 +243,29 @@ class WorkerPool:
         )
         self.actors = [self._make() for _ in range(num_workers)]
         self._held: list[int | None] = [None] * num_workers  # token each actor holds
-        self._shared: tuple[ArrayRecord, int] | None = None  # last shared record, token
+        # the last shared record, a snapshot of its contents, its token
+        self._shared: tuple[ArrayRecord, list, int] | None = None
+
+    def _token(self, record: ArrayRecord) -> int:
+        """The token of ``record``: the last one's if it is the same object holding the
+        same Array objects and bytes (a strategy may replace entries of a record in
+        place), else a new one. The snapshot keeps those objects alive, so an ``is``
+        check cannot be fooled by a reused id."""
+        snapshot = [(k, a, a.data) for k, a in record.items()]
+        if self._shared is not None:
+            last, last_snapshot, token = self._shared
+            if (
+                last is record
+                and len(last_snapshot) == len(snapshot)
+                and all(
+                    k1 == k2 and a1 is a2 and d1 is d2
+                    for (k1, a1, d1), (k2, a2, d2) in zip(last_snapshot, snapshot, strict=True)
+                )
+            ):
+                return token
+        token = 0 if self._shared is None else self._shared[2] + 1
+        self._shared = (record, snapshot, token)
+        return token
 
     def _pack(self, batch: Batch, record: ArrayRecord | None, token: int | None) -> bytes:
         """Pickle a batch with the shared record replaced by a reference to ``token``."""
@@ -290,11 +312,7 @@ class WorkerPool:
         a failed or late batch contributes empty sums over its range.
         """
         record = _shared_record(batches)
-        token = None
-        if record is not None:
-            if self._shared is None or self._shared[0] is not record:
-                self._shared = (record, (self._shared[1] + 1) if self._shared else 0)
-            token = self._shared[1]
+        token = None if record is None else self._token(record)
         record_ref = None
         calls = []
         for i, b in enumerate(batches):

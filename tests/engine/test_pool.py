@@ -80,6 +80,17 @@ def test_a_batch_refers_to_the_held_record_instead_of_carrying_it(scenario):
         pickle.loads(packed)
 
 
+def test_a_record_changed_in_place_gets_a_new_token(scenario):
+    record = _model(scenario, 1)
+    pool = WorkerPool.__new__(WorkerPool)
+    pool._shared = None
+    assert pool._token(record) == pool._token(record) == 0
+    key = next(iter(record))
+    record[key] = _model(scenario, 2)[key]  # a strategy replacing an entry in place
+    assert pool._token(record) == 1
+    assert pool._token(_model(scenario, 1)) == 2  # an equal but new record is new too
+
+
 def test_held_records_give_the_same_results_as_sending_every_time(scenario, ray_cluster):
     spec = scenario.model_dump_json()
     a, b = _model(scenario, 1), _model(scenario, 2)
