@@ -10,8 +10,8 @@ positions in the cohort (sorted by client id), then divided by ``sum_i n_i`` and
 back to the array's dtype. Sums are kept in the array's own floating dtype (float32 for
 float32 and narrower floats, float64 for float64 and for integer arrays). A pairwise
 tree's rounding error bound grows with log2(K), not K, so float32 sums stay within a few
-ulps of the exact mean while moving half the bytes of float64 ones. The tree makes the sum streamable and
-splittable: a worker that hosts a contiguous range of positions folds its clients as
+ulps of the exact mean while moving half the bytes of float64 ones. The tree makes the
+sum streamable and splittable: a worker that hosts a contiguous range of positions folds its clients as
 they finish into at most ~2 log2(K) partial sums of whole subtrees (``TreeFold``), and
 ``combine`` finishes the same tree from any such pieces. So the result is bit-identical
 whether the coordinator folds every reply itself (Flower's runtime, real SuperNodes) or
@@ -31,6 +31,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fedsim.arrays import array_view, to_array
 
 WEIGHT_KEY = "num-examples"
+
+
+def array_record(content: RecordDict) -> ArrayRecord | None:
+    """The content's first ArrayRecord (the model a message carries), if any."""
+    return next((v for v in content.values() if isinstance(v, ArrayRecord)), None)
 
 
 def records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
@@ -219,7 +224,7 @@ def fold_weighted_mean(
         total = combine(blocks)
         if total is None:
             return None
-        sent = next((v for v in reply_to.content.values() if isinstance(v, ArrayRecord)), None)
+        sent = array_record(reply_to.content)
         dtypes = _dtypes(sent, first)
         content["arrays"] = ArrayRecord(
             {

@@ -20,7 +20,7 @@ import ray
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
+from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, array_record, leaf, records
 
 Batch = list[tuple[int, Message]]  # (client id, instruction)
 
@@ -93,14 +93,8 @@ def _unpack_record(packed: PackedRecord) -> ArrayRecord:
 def _shared_record(batches: Sequence[Batch]) -> ArrayRecord | None:
     """The ArrayRecord the phase's instructions share (the global model), if any: the
     first message's. Others are pickled whole."""
-    for batch in batches:
-        for _, msg in batch:
-            if msg.has_content():
-                for rec in msg.content.values():
-                    if isinstance(rec, ArrayRecord):
-                        return rec
-            return None
-    return None
+    first = next((msg for batch in batches for _, msg in batch), None)
+    return array_record(first.content) if first is not None and first.has_content() else None
 
 
 class ClientWorker:
@@ -246,6 +240,11 @@ class WorkerPool:
         # the last shared record, a snapshot of its contents, its token
         self._shared: tuple[ArrayRecord, list, int] | None = None
 
+    def _replace(self, i: int) -> None:
+        """A fresh actor in slot ``i``; it holds no model yet."""
+        self.actors[i] = self._make()
+        self._held[i] = None
+
     def _token(self, record: ArrayRecord) -> int:
         """The token of ``record``: the last one's if it is the same object holding the
         same Array objects and bytes (a strategy may replace entries of a record in
@@ -353,8 +352,7 @@ class WorkerPool:
                     for _, m in batches[i]
                 )
                 lost.append(i)
-                self.actors[i] = self._make()
-                self._held[i] = None
+                self._replace(i)
                 continue
             if fold_from is None:
                 replies.extend(got)
@@ -365,8 +363,7 @@ class WorkerPool:
             i = refs[ref]
             lost.append(i)
             ray.kill(self.actors[i])
-            self.actors[i] = self._make()
-            self._held[i] = None
+            self._replace(i)
         if fold_from is not None:
             for i in lost:
                 empty = TreeFold()
