@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,7 @@ class Coordinator:
         world: World | None = None,
         policy: CoordinatorSection | None = None,
         on_participation: ParticipationHook | None = None,
+        lookahead: bool = False,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -119,6 +120,11 @@ class Coordinator:
         self.world = world
         self.policy = policy or CoordinatorSection()
         self.on_participation = on_participation
+        # Start round r + 1's training before round r's evaluation is aggregated (on
+        # grids that keep phases in flight). Its strategy is then configured for round
+        # r + 1 before aggregate_evaluate and the centralized evaluation of round r: safe
+        # for strategies whose configure_train does not depend on those (Flower's own).
+        self.lookahead = lookahead
         self.clock = 0.0  # virtual seconds since the run began
 
     def sample(
@@ -174,48 +180,7 @@ class Coordinator:
             min_round_s=p.min_round_s,
         )
 
-    def _exchange(
-        self,
-        grid: Grid,
-        directory: ClientDirectory,
-        messages: Iterable[Message],
-        phase: str,
-        server_round: int,
-        fold: bool = False,
-        expected_failures: int = 0,
-    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
-        """Send, then return the replies in cohort order (by client id; None if missing).
-
-        With ``fold`` and a grid that can pre-fold (fedsim's), the replies carry metrics
-        only and the partial sums of their arrays come back as blocks.
-        """
-        msgs = sorted(messages, key=lambda m: directory.client_of(m.metadata.dst_node_id))
-        blocks = None
-        if fold and hasattr(grid, "send_and_fold"):
-            replies, blocks = grid.send_and_fold(msgs, timeout=self.reply_timeout_s)
-        else:
-            replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
-        by_id = {r.metadata.reply_to_message_id: r for r in replies}
-        ordered = [by_id.get(m.metadata.message_id) for m in msgs]
-        errors = [r for r in replies if r.has_error()]
-        ok = len(replies) - len(errors)
-        failed = len(msgs) - ok
-        if msgs and ok == 0 and len(msgs) > expected_failures:
-            reason = errors[0].error.reason if errors else "no replies before the timeout"
-            raise AllClientsFailed(
-                f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
-            )
-        if len(errors) > expected_failures:
-            log.warning(
-                "round %d %s: %d client(s) failed, e.g. %s",
-                server_round,
-                phase,
-                len(errors),
-                errors[0].error.reason.strip().splitlines()[-1:],
-            )
-        return ordered, ok, failed, msgs, blocks
-
-    def _phase(
+    def _send(
         self,
         grid: Grid,
         directory: ClientDirectory,
@@ -226,10 +191,12 @@ class Coordinator:
         fold: bool = False,
         max_steps: dict[int, int] | None = None,
         expected_failures: int = 0,
-    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
-        """Let the strategy configure ``phase`` for exactly ``cids``, then exchange.
+    ) -> _Sent:
+        """Let the strategy configure ``phase`` for exactly ``cids``, then send.
 
         ``max_steps`` caps a client's local optimizer steps (partial work of a straggler).
+        fedsim's grid starts the phase at once (``submit_phase``); other grids get the
+        messages when ``_receive`` exchanges them.
         """
         if phase == "train":
             configure, key = self.strategy.configure_train, 0
@@ -243,7 +210,68 @@ class Coordinator:
                 cid = directory.client_of(m.metadata.dst_node_id)
                 if cid in max_steps:
                     m.content = _with_config(m.content, {MAX_STEPS_KEY: max_steps[cid]})
-        return self._exchange(grid, directory, msgs, phase, server_round, fold, expected_failures)
+        msgs.sort(key=lambda m: directory.client_of(m.metadata.dst_node_id))
+        handle = grid.submit_phase(msgs, fold=fold) if hasattr(grid, "submit_phase") else None
+        return _Sent(phase, server_round, msgs, fold, expected_failures, handle)
+
+    def _receive(
+        self, grid: Grid, sent: _Sent
+    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
+        """The replies to a sent phase in cohort order (by client id; None if missing).
+
+        With ``fold`` on fedsim's grid the replies carry metrics only and the partial
+        sums of their arrays come back as blocks.
+        """
+        msgs, phase, server_round = sent.msgs, sent.phase, sent.server_round
+        blocks = None
+        if sent.handle is not None:
+            replies, blocks = grid.collect_phase(sent.handle, timeout=self.reply_timeout_s)  # type: ignore[attr-defined]
+        else:
+            replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
+        by_id = {r.metadata.reply_to_message_id: r for r in replies}
+        ordered = [by_id.get(m.metadata.message_id) for m in msgs]
+        errors = [r for r in replies if r.has_error()]
+        ok = len(replies) - len(errors)
+        failed = len(msgs) - ok
+        if msgs and ok == 0 and len(msgs) > sent.expected_failures:
+            reason = errors[0].error.reason if errors else "no replies before the timeout"
+            raise AllClientsFailed(
+                f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
+            )
+        if len(errors) > sent.expected_failures:
+            log.warning(
+                "round %d %s: %d client(s) failed, e.g. %s",
+                server_round,
+                phase,
+                len(errors),
+                errors[0].error.reason.strip().splitlines()[-1:],
+            )
+        return ordered, ok, failed, msgs, blocks
+
+    def _start_round(
+        self, grid: Grid, directory: ClientDirectory, rnd: int, arrays: ArrayRecord
+    ) -> _RoundStart:
+        """Wait for clients, sample and plan round ``rnd``, and send its training."""
+        online, n_online = self._wait_for_clients(rnd)
+        k = select_count(self.train_cohort, self.policy.over_commit, n_online)
+        cids = self.sample(rnd, "train", k, online)
+        plan = self._plan(rnd, cids, arrays) if self.world is not None else None
+        run_cids = cids if plan is None else ([] if plan.skipped else plan.to_run)
+        dropouts = 0 if plan is None else sum(plan.status[c] == DROPPED for c in run_cids)
+        train = None
+        if run_cids:
+            train = self._send(
+                grid,
+                directory,
+                rnd,
+                "train",
+                run_cids,
+                arrays,
+                fold=self.fold_train,
+                max_steps=None if plan is None else plan.max_steps,
+                expected_failures=dropouts,
+            )
+        return _RoundStart(online, n_online, cids, plan, run_cids, dropouts, train)
 
     def run(self, grid: Grid) -> CoordinatorResult:
         directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
@@ -254,32 +282,27 @@ class Coordinator:
             init = self.evaluate_fn(0, arrays)
             if init is not None:
                 result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
+        ahead = self.lookahead and hasattr(grid, "submit_phase")
+        nxt: _RoundStart | Exception | None = None
+        t_end = 0.0
 
         for rnd in range(1, self.rounds + 1):
-            t0 = time.perf_counter()
+            if nxt is None:
+                t0 = time.perf_counter()
+                start = self._start_round(grid, directory, rnd, arrays)
+            elif isinstance(nxt, Exception):
+                raise nxt
+            else:  # started during the previous round: its time runs from that round's end
+                t0, start = t_end, nxt
+            nxt = None
             record: dict[str, Any] = {"round": rnd}
-            online, n_online = self._wait_for_clients(rnd)
-            k = select_count(self.train_cohort, self.policy.over_commit, n_online)
-            cids = self.sample(rnd, "train", k, online)
-            plan = self._plan(rnd, cids, arrays) if self.world is not None else None
-            run_cids = cids if plan is None else ([] if plan.skipped else plan.to_run)
-            dropouts = 0 if plan is None else sum(plan.status[c] == DROPPED for c in run_cids)
+            cids, plan, run_cids, dropouts = start.cids, start.plan, start.run_cids, start.dropouts
 
             replies: list[Message] = []
             ok = failed = 0
             good: list[int] = []
-            if run_cids:
-                ordered, ok, failed, sent, blocks = self._phase(
-                    grid,
-                    directory,
-                    rnd,
-                    "train",
-                    run_cids,
-                    arrays,
-                    fold=self.fold_train,
-                    max_steps=None if plan is None else plan.max_steps,
-                    expected_failures=dropouts,
-                )
+            if start.train is not None:
+                ordered, ok, failed, sent, blocks = self._receive(grid, start.train)
                 good = [
                     c for c, r in zip(run_cids, ordered, strict=True) if r and not r.has_error()
                 ]
@@ -315,7 +338,7 @@ class Coordinator:
                 self.clock += plan.duration_s
             record["train_loss"] = _get(train_metrics, "train_loss")
             record["virtual_time_s"] = self.clock if self.world is not None else None
-            record["clients_online"] = n_online
+            record["clients_online"] = start.n_online
             record["clients_selected"] = len(cids)
             record["clients_replied"] = ok
             record["clients_failed"] = failed - dropouts if failed >= dropouts else failed
@@ -324,41 +347,79 @@ class Coordinator:
             record["clients_aggregated"] = 0 if skipped else n_agg
             record["round_skipped"] = skipped
             if self.on_participation is not None:
-                self.on_participation(rnd, online, status)
+                self.on_participation(rnd, start.online, status)
 
-            client_eval: MetricRecord | None = None
+            esent = None
             if self.eval_cohort > 0:
                 if self.evaluate_trained:
                     ecids = [c for c in cids if status[c] == AGGREGATED]
                 else:
-                    ecids = self.sample(rnd, "evaluate", min(self.eval_cohort, n_online), online)
-                if ecids:
-                    eordered, _, _, esent, _ = self._phase(
-                        grid, directory, rnd, "evaluate", ecids, arrays
+                    ecids = self.sample(
+                        rnd, "evaluate", min(self.eval_cohort, start.n_online), start.online
                     )
-                    # A client with an empty held-out split has nothing to report.
-                    ereplies = [
-                        r
-                        for r in eordered
-                        if r is not None and not r.has_error() and num_examples(r) > 0
-                    ]
-                    if ereplies:
-                        # Every Flower strategy averages evaluation metrics by num-examples.
-                        folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=esent[0])
-                        client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
+                if ecids:
+                    esent = self._send(grid, directory, rnd, "evaluate", ecids, arrays)
+            if ahead and rnd < self.rounds:
+                # Queue the next round's training behind this evaluation: each worker
+                # goes on to it without waiting for the coordinator, and the evaluation's
+                # aggregation, the centralized evaluation and the round's record overlap
+                # with it. Nothing later in this round reads what starting it changes.
+                try:
+                    nxt = self._start_round(grid, directory, rnd + 1, arrays)
+                except Exception as exc:  # raised when round rnd + 1 begins, as without
+                    nxt = exc
+            client_eval: MetricRecord | None = None
+            if esent is not None:
+                eordered, _, _, emsgs, _ = self._receive(grid, esent)
+                # A client with an empty held-out split has nothing to report.
+                ereplies = [
+                    r
+                    for r in eordered
+                    if r is not None and not r.has_error() and num_examples(r) > 0
+                ]
+                if ereplies:
+                    # Every Flower strategy averages evaluation metrics by num-examples.
+                    folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=emsgs[0])
+                    client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
             record["client_eval_loss"] = _get(client_eval, "eval_loss")
             record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
 
             central = self.evaluate_fn(rnd, arrays) if self.evaluate_fn is not None else None
             record["eval_loss"] = _get(central, "eval_loss")
             record["eval_accuracy"] = _get(central, "eval_accuracy")
-            record["round_wall_s"] = time.perf_counter() - t0
+            t_end = time.perf_counter()
+            record["round_wall_s"] = t_end - t0
             result.rounds.append(record)
             if self.on_round is not None:
                 self.on_round(record)
 
         result.arrays = arrays
         return result
+
+
+@dataclass
+class _Sent:
+    """A phase's instructions, sent (or, for grids that only exchange, about to be)."""
+
+    phase: str
+    server_round: int
+    msgs: list[Message]  # sorted by client id: the cohort's positions
+    fold: bool
+    expected_failures: int
+    handle: Any  # the grid's handle of the phase in flight; None: exchange on receipt
+
+
+@dataclass
+class _RoundStart:
+    """A round up to its training phase in flight."""
+
+    online: np.ndarray | None
+    n_online: int
+    cids: list[int]  # selected
+    plan: RoundPlan | None
+    run_cids: list[int]  # sent a training task
+    dropouts: int  # planned to drop out
+    train: _Sent | None
 
 
 def _with_config(content: RecordDict, extra: dict[str, int]) -> RecordDict:

@@ -9,6 +9,7 @@ Node ids are ``client id + NODE_ID_OFFSET``, so the mapping needs no table.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -18,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.fold import Block
 from fedsim.engine.messaging import ClientDirectory
-from fedsim.engine.pool import WorkerPool, balance, split_ranges
+from fedsim.engine.pool import Pending, WorkerPool, balance, split_ranges
 
 NODE_ID_OFFSET = 1 << 16
 
@@ -108,42 +109,67 @@ class RayGrid(Grid):
         return self.pull_messages(ids)
 
     # -- fedsim extension ------------------------------------------------------------
+    def submit_phase(self, messages: Iterable[Message], *, fold: bool = False) -> InFlight:
+        """Send a phase's messages and return at once; ``collect_phase`` waits for the
+        replies. A phase submitted while another is in flight is queued behind it on
+        each worker (see ``WorkerPool.submit``).
+
+        With ``fold`` the workers pre-fold the weighted sum of the replies' arrays
+        (``fedsim.engine.fold``): replies carry metrics only, and the partial sums come
+        back too. Cohort positions are then the messages sorted by client id, and each
+        worker gets a contiguous range of them; otherwise clients are balanced by cost.
+        """
+        return self._submit(messages, fold=fold)
+
+    def _submit(self, messages: Iterable[Message], *, fold: bool) -> InFlight:
+        ids = list(self.push_messages(messages))
+        items = [(m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()]
+        self._outbox.clear()
+        if fold:
+            items.sort(key=lambda it: it[0])
+            ranges = split_ranges([self._cost(cid) for cid, _ in items], self._pool.size)
+            batches = [items[a:b] for a, b in ranges]
+            fold_from: list[int] | None = [a for a, _ in ranges]
+        else:
+            batches, fold_from = balance(items, self._pool.size, self._cost), None
+        return InFlight(
+            ids,
+            fold,
+            self._pool.submit(self._run.run_id, self._num_clients, batches, fold_from=fold_from),
+        )
+
+    def collect_phase(
+        self, phase: InFlight, *, timeout: float | None = None
+    ) -> tuple[list[Message], list[Block] | None]:
+        """The replies of a submitted phase (and its partial sums when folded)."""
+        replies, blocks = self._pool.collect(phase.pending, timeout=timeout)
+        self._store(replies)
+        return list(self.pull_messages(phase.ids)), blocks if phase.fold else None
+
     def send_and_fold(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> tuple[list[Message], list[Block]]:
-        """Like ``send_and_receive``, but the workers pre-fold the weighted sum of the
-        replies' arrays (``fedsim.engine.fold``): replies carry metrics only.
-
-        Cohort positions are the messages sorted by client id; each worker gets a
-        contiguous range of them.
-        """
-        ids = list(self.push_messages(messages))
-        items = sorted(
-            ((m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()),
-            key=lambda it: it[0],
+        """``send_and_receive`` with the workers' pre-fold (see ``submit_phase``)."""
+        replies, blocks = self.collect_phase(
+            self.submit_phase(messages, fold=True), timeout=timeout
         )
-        self._outbox.clear()
-        ranges = split_ranges([self._cost(cid) for cid, _ in items], self._pool.size)
-        replies, blocks = self._pool.run(
-            self._run.run_id,
-            self._num_clients,
-            [items[a:b] for a, b in ranges],
-            timeout=timeout,
-            fold_from=[a for a, _ in ranges],
-        )
-        self._store(replies)
-        return list(self.pull_messages(ids)), blocks
+        return replies, blocks or []
 
     # -- delivery --------------------------------------------------------------------
     def _deliver(self, timeout: float | None = None) -> None:
-        if not self._outbox:
-            return
-        items = [(m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()]
-        self._outbox.clear()
-        batches = balance(items, self._pool.size, self._cost)
-        replies, _ = self._pool.run(self._run.run_id, self._num_clients, batches, timeout=timeout)
-        self._store(replies)
+        if self._outbox:
+            replies, _ = self._pool.collect(self._submit([], fold=False).pending, timeout=timeout)
+            self._store(replies)
 
     def _store(self, replies: list[Message]) -> None:
         for reply in replies:
             self._inbox[reply.metadata.reply_to_message_id] = reply
+
+
+@dataclass
+class InFlight:
+    """A phase sent by ``RayGrid.submit_phase``."""
+
+    ids: list[str]
+    fold: bool
+    pending: Pending

@@ -14,6 +14,8 @@ import io
 import pickle
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -95,6 +97,19 @@ def _shared_record(batches: Sequence[Batch]) -> ArrayRecord | None:
     first message's. Others are pickled whole."""
     first = next((msg for batch in batches for _, msg in batch), None)
     return array_record(first.content) if first is not None and first.has_content() else None
+
+
+@dataclass
+class Pending:
+    """A phase submitted to the pool and not yet collected."""
+
+    batches: list[Batch]
+    fold_from: Sequence[int] | None
+    record: ArrayRecord | None  # the shared record (global model), sent by token
+    token: int | None
+    record_arg: Any = None  # the packed record (or its object ref), made on first need
+    # slot -> (object ref of the call, its leading arguments)
+    calls: dict[int, tuple[ray.ObjectRef, list]] = field(default_factory=dict)
 
 
 class ClientWorker:
@@ -239,11 +254,16 @@ class WorkerPool:
         self._held: list[int | None] = [None] * num_workers  # token each actor holds
         # the last shared record, a snapshot of its contents, its token
         self._shared: tuple[ArrayRecord, list, int] | None = None
+        self._in_flight: list[Pending] = []  # submitted, not yet collected, in order
 
     def _replace(self, i: int) -> None:
-        """A fresh actor in slot ``i``; it holds no model yet."""
+        """A fresh actor in slot ``i``; it holds no model yet. Calls of phases still in
+        flight that were queued on the old actor are submitted to the new one."""
         self.actors[i] = self._make()
         self._held[i] = None
+        for pending in self._in_flight:
+            if i in pending.calls:
+                self._call(pending, i, pending.calls[i][1])
 
     def _token(self, record: ArrayRecord) -> int:
         """The token of ``record``: the last one's if it is the same object holding the
@@ -295,47 +315,64 @@ class WorkerPool:
             )
         ray.get(ready)  # re-raises a worker's start-up error
 
-    def run(
+    def submit(
         self,
         run_id: int,
         num_clients: int,
         batches: Sequence[Batch],
         *,
-        timeout: float | None = None,
         fold_from: Sequence[int] | None = None,
+    ) -> Pending:
+        """Start ``batches[i]`` on actor i and return at once; ``collect`` the results.
+
+        Several phases may be in flight: each actor runs its calls in the order they were
+        submitted (Ray keeps a caller's calls to one actor in order), so a phase can be
+        queued behind the one before it and start the moment that one ends.
+        """
+        record = _shared_record(batches)
+        token = None if record is None else self._token(record)
+        pending = Pending(list(batches), fold_from, record, token)
+        calls = []
+        for i, b in enumerate(batches):
+            if b:
+                start = None if fold_from is None else fold_from[i]
+                calls.append((i, [run_id, num_clients, self._pack(b, record, token), start]))
+        # Pack every batch first, then submit back to back: the workers start together.
+        for i, args in calls:
+            self._call(pending, i, args)
+        self._in_flight.append(pending)
+        return pending
+
+    def _call(self, pending: Pending, i: int, args: list) -> None:
+        """Submit ``pending``'s call for slot ``i`` to the actor now in that slot,
+        with the shared record when that actor does not hold it yet."""
+        send = None
+        if pending.token is not None and self._held[i] != pending.token:
+            if pending.record_arg is None:  # once per phase, for every actor that needs it
+                data = _pack_record(pending.record)  # type: ignore[arg-type]
+                # A large record goes into the object store once for all actors; a
+                # small one rides inline in each call (cheaper than a put and a fetch).
+                size = sum(a.nbytes for *_, a in data)
+                pending.record_arg = ray.put(data) if size > INLINE_RECORD_BYTES else data
+            send = pending.record_arg
+        ref = self.actors[i].run_packed.remote(*args, pending.token, send)
+        pending.calls[i] = (ref, args)
+        self._held[i] = pending.token
+
+    def collect(
+        self, pending: Pending, *, timeout: float | None = None
     ) -> tuple[list[Message], list[Block]]:
-        """Run ``batches[i]`` on actor i; failed actors yield error replies and are replaced.
+        """The replies of a submitted phase; failed actors yield error replies and are
+        replaced (and the calls of later phases queued on them go to the replacement).
 
         With ``fold_from`` (each batch's first cohort position; batches are contiguous
         ranges) the actors pre-fold the weighted sum and the partial sums come back too;
         a failed or late batch contributes empty sums over its range.
         """
-        record = _shared_record(batches)
-        token = None if record is None else self._token(record)
-        record_ref = None
-        calls = []
-        for i, b in enumerate(batches):
-            if not b:
-                continue
-            send = None
-            if token is not None and self._held[i] != token:
-                if record_ref is None:  # once per phase, for every actor that needs it
-                    data = _pack_record(record)
-                    # A large record goes into the object store once for all actors; a
-                    # small one rides inline in each call (cheaper than a put and a fetch).
-                    size = sum(a.nbytes for *_, a in data)
-                    record_ref = ray.put(data) if size > INLINE_RECORD_BYTES else data
-                send = record_ref
-            start = None if fold_from is None else fold_from[i]
-            calls.append(
-                (i, (run_id, num_clients, self._pack(b, record, token), start, token, send))
-            )
-        # Pack every batch first, then submit back to back: the workers start together.
-        refs = {}
-        for i, args in calls:
-            refs[self.actors[i].run_packed.remote(*args)] = i
-            self._held[i] = token
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        self._in_flight.remove(pending)
+        batches, fold_from = pending.batches, pending.fold_from
+        refs = {ref: i for i, (ref, _) in pending.calls.items()}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         replies: list[Message] = []
         blocks: list[Block] = []
         lost: list[int] = []
@@ -359,7 +396,7 @@ class WorkerPool:
             else:
                 replies.extend(got[0])
                 blocks.extend(got[1])
-        for ref in pending:  # late batches: no replies this phase; replace the worker
+        for ref in late:  # late batches: no replies this phase; replace the worker
             i = refs[ref]
             lost.append(i)
             ray.kill(self.actors[i])
@@ -371,6 +408,19 @@ class WorkerPool:
                     empty.add(pos, None)
                 blocks.extend(empty.blocks)
         return replies, blocks
+
+    def run(
+        self,
+        run_id: int,
+        num_clients: int,
+        batches: Sequence[Batch],
+        *,
+        timeout: float | None = None,
+        fold_from: Sequence[int] | None = None,
+    ) -> tuple[list[Message], list[Block]]:
+        """``submit`` then ``collect``."""
+        pending = self.submit(run_id, num_clients, batches, fold_from=fold_from)
+        return self.collect(pending, timeout=timeout)
 
     def shutdown(self) -> None:
         for a in self.actors:

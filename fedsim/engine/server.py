@@ -87,6 +87,9 @@ def build_coordinator(
         world=build_world(scn, fed),
         policy=scn.coordinator,
         on_participation=on_participation,
+        # Every registered strategy is one of Flower's, whose configure_train does not
+        # depend on the evaluation of the round before.
+        lookahead=True,
     )
 
 

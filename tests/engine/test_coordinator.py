@@ -27,6 +27,13 @@ class LocalPool:
         self.values = values or {}
         self.calls: list[list[int]] = []
 
+    def submit(self, run_id, num_clients, batches, fold_from=None):
+        return (run_id, num_clients, batches, fold_from)
+
+    def collect(self, pending, timeout=None):  # runs a submitted phase now
+        run_id, num_clients, batches, fold_from = pending
+        return self.run(run_id, num_clients, batches, fold_from=fold_from)
+
     def run(self, run_id, num_clients, batches, timeout=None, fold_from=None):
         out, blocks = [], []
         order = reversed if self.reverse else iter
@@ -137,7 +144,7 @@ class PlainGrid(RayGrid):
     as it does under Flower's runtime or with real SuperNodes."""
 
     def __getattribute__(self, name):
-        if name == "send_and_fold":
+        if name in ("send_and_fold", "submit_phase"):
             raise AttributeError(name)
         return super().__getattribute__(name)
 
@@ -162,3 +169,61 @@ def test_folded_mean_is_bit_identical_for_any_worker_count_and_without_prefold()
         RayGrid(LocalPool(values=values, fail={5, 17}), num_clients=40)
     )
     np.testing.assert_allclose(runs[0].arrays["w"].numpy(), ref.arrays["w"].numpy(), rtol=1e-6)
+
+
+class CallOrder(FedAvg):
+    """FedAvg that logs its configure_train / aggregate_evaluate calls (and can fail)."""
+
+    def __init__(self, log, fail_round=None):
+        super().__init__(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0)
+        self.log, self.fail_round = log, fail_round
+
+    def configure_train(self, server_round, *args, **kwargs):
+        self.log.append(("train", server_round))
+        if server_round == self.fail_round:
+            raise RuntimeError(f"configure_train broke in round {server_round}")
+        return super().configure_train(server_round, *args, **kwargs)
+
+    def aggregate_evaluate(self, server_round, replies):
+        self.log.append(("evaluate", server_round))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def _lookahead_run(lookahead, log, fail_round=None, seen=None):
+    c = Coordinator(
+        fold_train=True,
+        strategy=CallOrder(log, fail_round),
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+        num_clients=12,
+        rounds=3,
+        train_cohort=5,
+        eval_cohort=3,
+        seed=4,
+        evaluate_fn=lambda rnd, arrays: MetricRecord({"eval_loss": float(arrays["w"].numpy()[0])}),
+        on_round=None if seen is None else seen.append,
+        lookahead=lookahead,
+    )
+    return c.run(RayGrid(LocalPool(), num_clients=12))
+
+
+def test_lookahead_starts_the_next_training_before_evaluation_and_changes_no_result():
+    logs: dict[bool, list] = {True: [], False: []}
+    runs = {la: _lookahead_run(la, logs[la]) for la in (True, False)}
+    strip = {
+        la: [{k: v for k, v in r.items() if k != "round_wall_s"} for r in res.rounds]
+        for la, res in runs.items()
+    }
+    assert strip[True] == strip[False]
+    assert strip[True][2]["eval_loss"] is not None
+    assert runs[True].arrays["w"].numpy() == runs[False].arrays["w"].numpy()
+    assert logs[False] == [("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2),
+                           ("train", 3), ("evaluate", 3)]  # fmt: skip
+    assert logs[True] == [("train", 1), ("train", 2), ("evaluate", 1), ("train", 3),
+                          ("evaluate", 2), ("evaluate", 3)]  # fmt: skip
+
+
+def test_an_error_starting_the_next_round_early_surfaces_after_this_round_ends():
+    seen: list = []
+    with pytest.raises(RuntimeError, match="broke in round 2"):
+        _lookahead_run(True, [], fail_round=2, seen=seen)
+    assert [r["round"] for r in seen] == [1]  # round 1 was recorded before the error

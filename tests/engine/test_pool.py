@@ -120,3 +120,41 @@ def test_held_records_give_the_same_results_as_sending_every_time(scenario, ray_
             assert all(np.array_equal(got[k], ref[k]) for k in got)
     finally:
         fresh.shutdown()
+
+
+def test_a_phase_queued_behind_another_runs_next_also_on_a_replaced_worker(scenario, ray_cluster):
+    spec = scenario.model_dump_json()
+    b = _model(scenario, 2)
+    ref = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        ref.warm()
+        ev_ref, sums_ref = _evaluate(ref, b, 2, "e"), _train(ref, b, 3, "t")
+    finally:
+        ref.shutdown()
+
+    def both(pool):  # evaluation, with the next round's training queued behind it
+        ev = pool.submit(1, NUM_CLIENTS, _batches(b, MessageType.EVALUATE, 2, "e"))
+        tr = pool.submit(1, NUM_CLIENTS, _batches(b, MessageType.TRAIN, 3, "t"), fold_from=[0, 4])
+        return pool.collect(ev), pool.collect(tr)
+
+    pool = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        pool.warm()
+        (ev, _), (tr, blocks) = both(pool)
+        assert (
+            sorted((r.metadata.reply_to_message_id, r.content["metrics"]["eval_loss"]) for r in ev)
+            == ev_ref
+        )
+        assert not any(r.has_error() for r in tr)
+        sums = combine(blocks)
+        assert all(np.array_equal(sums[k], sums_ref[k]) for k in sums_ref)
+        # A worker lost with both phases queued on it: its evaluation clients fail, and its
+        # training call goes to the replacement, which is sent the model first.
+        ray.kill(pool.actors[0])
+        (ev, _), (tr, blocks) = both(pool)
+        assert sum(r.has_error() for r in ev) == 4
+        assert not any(r.has_error() for r in tr) and pool._held == [0, 0]
+        sums = combine(blocks)
+        assert all(np.array_equal(sums[k], sums_ref[k]) for k in sums_ref)
+    finally:
+        pool.shutdown()
