@@ -212,15 +212,15 @@ class Coordinator:
                     m.content = _with_config(m.content, {MAX_STEPS_KEY: max_steps[cid]})
         msgs.sort(key=lambda m: directory.client_of(m.metadata.dst_node_id))
         handle = grid.submit_phase(msgs, fold=fold) if hasattr(grid, "submit_phase") else None
-        return _Sent(phase, server_round, msgs, fold, expected_failures, handle)
+        return _Sent(phase, server_round, msgs, expected_failures, handle)
 
     def _receive(
         self, grid: Grid, sent: _Sent
     ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
         """The replies to a sent phase in cohort order (by client id; None if missing).
 
-        With ``fold`` on fedsim's grid the replies carry metrics only and the partial
-        sums of their arrays come back as blocks.
+        When the phase was sent with ``fold`` to fedsim's grid, the replies carry metrics
+        only and the partial sums of their arrays come back as blocks.
         """
         msgs, phase, server_round = sent.msgs, sent.phase, sent.server_round
         blocks = None
@@ -404,7 +404,6 @@ class _Sent:
     phase: str
     server_round: int
     msgs: list[Message]  # sorted by client id: the cohort's positions
-    fold: bool
     expected_failures: int
     handle: Any  # the grid's handle of the phase in flight; None: exchange on receipt
 

@@ -11,14 +11,14 @@ back to the array's dtype. Sums are kept in the array's own floating dtype (floa
 float32 and narrower floats, float64 for float64 and for integer arrays). A pairwise
 tree's rounding error bound grows with log2(K), not K, so float32 sums stay within a few
 ulps of the exact mean while moving half the bytes of float64 ones. The tree makes the
-sum streamable and splittable: a worker that hosts a contiguous range of positions folds its clients as
-they finish into at most ~2 log2(K) partial sums of whole subtrees (``TreeFold``), and
-``combine`` finishes the same tree from any such pieces. So the result is bit-identical
-whether the coordinator folds every reply itself (Flower's runtime, real SuperNodes) or
-fedsim's workers pre-fold, for any number of workers, and no more than O(log K) models
-are ever held at once. (The result agrees with Flower's ``aggregate_arrayrecords`` to
-float32 rounding, not bit for bit.) Metrics are folded with
-Flower's ``aggregate_metricrecords`` arithmetic, in client-id order.
+sum streamable and splittable: a worker that hosts a contiguous range of positions
+folds its clients as they finish into at most ~2 log2(K) partial sums of whole
+subtrees (``TreeFold``), and ``combine`` finishes the same tree from any such pieces.
+So the result is bit-identical whether the coordinator folds every reply itself
+(Flower's runtime, real SuperNodes) or fedsim's workers pre-fold, for any number of
+workers, and no more than O(log K) models are ever held at once. (The result agrees
+with Flower's ``aggregate_arrayrecords`` to float32 rounding, not bit for bit.) Metrics
+are folded with Flower's ``aggregate_metricrecords`` arithmetic, in client-id order.
 """
 
 from __future__ import annotations

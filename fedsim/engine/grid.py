@@ -146,15 +146,6 @@ class RayGrid(Grid):
         self._store(replies)
         return list(self.pull_messages(phase.ids)), blocks if phase.fold else None
 
-    def send_and_fold(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> tuple[list[Message], list[Block]]:
-        """``send_and_receive`` with the workers' pre-fold (see ``submit_phase``)."""
-        replies, blocks = self.collect_phase(
-            self.submit_phase(messages, fold=True), timeout=timeout
-        )
-        return replies, blocks or []
-
     # -- delivery --------------------------------------------------------------------
     def _deliver(self, timeout: float | None = None) -> None:
         if self._outbox:
