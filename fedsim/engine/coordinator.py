@@ -120,10 +120,12 @@ class Coordinator:
         self.world = world
         self.policy = policy or CoordinatorSection()
         self.on_participation = on_participation
-        # Start round r + 1's training before round r's evaluation is aggregated (on
-        # grids that keep phases in flight). Its strategy is then configured for round
-        # r + 1 before aggregate_evaluate and the centralized evaluation of round r: safe
-        # for strategies whose configure_train does not depend on those (Flower's own).
+        # On grids that keep phases in flight: send round r + 1's training right after
+        # round r's aggregation, ahead of round r's evaluation, and collect that
+        # evaluation (and run the centralized one) after round r + 1's training. The
+        # strategy then sees configure_train(r + 1) before configure_evaluate(r), and
+        # aggregate_train(r + 1) before aggregate_evaluate(r): safe for strategies whose
+        # training does not depend on their evaluation (all of Flower's own).
         self.lookahead = lookahead
         self.clock = 0.0  # virtual seconds since the run began
 
@@ -284,16 +286,18 @@ class Coordinator:
                 result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
         ahead = self.lookahead and hasattr(grid, "submit_phase")
         nxt: _RoundStart | Exception | None = None
-        t_end = 0.0
+        open_round: _OpenRound | None = None  # trained, its evaluation still in flight
+        t_update = time.perf_counter()  # when the model last changed (round 0: the start)
 
         for rnd in range(1, self.rounds + 1):
             if nxt is None:
-                t0 = time.perf_counter()
                 start = self._start_round(grid, directory, rnd, arrays)
             elif isinstance(nxt, Exception):
+                if open_round is not None:  # the round before still ends first
+                    self._finish(grid, open_round, result)
                 raise nxt
-            else:  # started during the previous round: its time runs from that round's end
-                t0, start = t_end, nxt
+            else:  # started during the previous round
+                start = nxt
             nxt = None
             record: dict[str, Any] = {"round": rnd}
             cids, plan, run_cids, dropouts = start.cids, start.plan, start.run_cids, start.dropouts
@@ -334,6 +338,7 @@ class Coordinator:
                 new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
                 if new_arrays is not None:
                     arrays = new_arrays
+            t_from, t_update = t_update, time.perf_counter()
             if plan is not None:
                 self.clock += plan.duration_s
             record["train_loss"] = _get(train_metrics, "train_loss")
@@ -349,6 +354,16 @@ class Coordinator:
             if self.on_participation is not None:
                 self.on_participation(rnd, start.online, status)
 
+            if ahead and rnd < self.rounds:
+                # Queue the next round's training on the workers now, ahead of this
+                # round's evaluation: a worker that finishes it runs this evaluation (and
+                # the one before) while the coordinator aggregates, so no worker waits for
+                # the coordinator between rounds. Nothing later in this round reads what
+                # starting it changes.
+                try:
+                    nxt = self._start_round(grid, directory, rnd + 1, arrays)
+                except Exception as exc:  # raised when round rnd + 1 begins, as without
+                    nxt = exc
             esent = None
             if self.eval_cohort > 0:
                 if self.evaluate_trained:
@@ -359,42 +374,45 @@ class Coordinator:
                     )
                 if ecids:
                     esent = self._send(grid, directory, rnd, "evaluate", ecids, arrays)
-            if ahead and rnd < self.rounds:
-                # Queue the next round's training behind this evaluation: each worker
-                # goes on to it without waiting for the coordinator, and the evaluation's
-                # aggregation, the centralized evaluation and the round's record overlap
-                # with it. Nothing later in this round reads what starting it changes.
-                try:
-                    nxt = self._start_round(grid, directory, rnd + 1, arrays)
-                except Exception as exc:  # raised when round rnd + 1 begins, as without
-                    nxt = exc
-            client_eval: MetricRecord | None = None
-            if esent is not None:
-                eordered, _, _, emsgs, _ = self._receive(grid, esent)
-                # A client with an empty held-out split has nothing to report.
-                ereplies = [
-                    r
-                    for r in eordered
-                    if r is not None and not r.has_error() and num_examples(r) > 0
-                ]
-                if ereplies:
-                    # Every Flower strategy averages evaluation metrics by num-examples.
-                    folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=emsgs[0])
-                    client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
-            record["client_eval_loss"] = _get(client_eval, "eval_loss")
-            record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
-
-            central = self.evaluate_fn(rnd, arrays) if self.evaluate_fn is not None else None
-            record["eval_loss"] = _get(central, "eval_loss")
-            record["eval_accuracy"] = _get(central, "eval_accuracy")
-            t_end = time.perf_counter()
-            record["round_wall_s"] = t_end - t0
-            result.rounds.append(record)
-            if self.on_round is not None:
-                self.on_round(record)
+            if open_round is not None:
+                self._finish(grid, open_round, result)
+            open_round = _OpenRound(record, esent, arrays, t_from, t_update)
+            if not ahead or rnd == self.rounds:
+                self._finish(grid, open_round, result)
+                open_round = None
 
         result.arrays = arrays
         return result
+
+    def _finish(self, grid: Grid, done: _OpenRound, result: CoordinatorResult) -> None:
+        """Collect a round's evaluation, run the centralized one, and record the round.
+
+        A round's wall time runs from the previous round's model update to its own (the
+        last round's: to its end), so the rounds' times add up to the run's whether or
+        not evaluations overlap the next round's training.
+        """
+        rnd, record = done.record["round"], done.record
+        client_eval: MetricRecord | None = None
+        if done.esent is not None:
+            eordered, _, _, emsgs, _ = self._receive(grid, done.esent)
+            # A client with an empty held-out split has nothing to report.
+            ereplies = [
+                r for r in eordered if r is not None and not r.has_error() and num_examples(r) > 0
+            ]
+            if ereplies:
+                # Every Flower strategy averages evaluation metrics by num-examples.
+                folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=emsgs[0])
+                client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
+        record["client_eval_loss"] = _get(client_eval, "eval_loss")
+        record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
+        central = self.evaluate_fn(rnd, done.arrays) if self.evaluate_fn is not None else None
+        record["eval_loss"] = _get(central, "eval_loss")
+        record["eval_accuracy"] = _get(central, "eval_accuracy")
+        end = time.perf_counter() if rnd == self.rounds else done.t_update
+        record["round_wall_s"] = end - done.t_from
+        result.rounds.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
 
 
 @dataclass
@@ -406,6 +424,17 @@ class _Sent:
     msgs: list[Message]  # sorted by client id: the cohort's positions
     expected_failures: int
     handle: Any  # the grid's handle of the phase in flight; None: exchange on receipt
+
+
+@dataclass
+class _OpenRound:
+    """A round trained and recorded so far, its evaluation sent and not yet collected."""
+
+    record: dict[str, Any]
+    esent: _Sent | None
+    arrays: ArrayRecord  # the model the round ended with (for the centralized evaluation)
+    t_from: float  # perf_counter of the previous round's model update (or the run's start)
+    t_update: float  # and of this round's
 
 
 @dataclass

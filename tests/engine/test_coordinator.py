@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -172,20 +173,28 @@ def test_folded_mean_is_bit_identical_for_any_worker_count_and_without_prefold()
 
 
 class CallOrder(FedAvg):
-    """FedAvg that logs its configure_train / aggregate_evaluate calls (and can fail)."""
+    """FedAvg that logs its calls (and can fail in configure_train)."""
 
     def __init__(self, log, fail_round=None):
         super().__init__(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0)
         self.log, self.fail_round = log, fail_round
 
     def configure_train(self, server_round, *args, **kwargs):
-        self.log.append(("train", server_round))
+        self.log.append(("configure_train", server_round))
         if server_round == self.fail_round:
             raise RuntimeError(f"configure_train broke in round {server_round}")
         return super().configure_train(server_round, *args, **kwargs)
 
+    def aggregate_train(self, server_round, replies):
+        self.log.append(("aggregate_train", server_round))
+        return super().aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round, *args, **kwargs):
+        self.log.append(("configure_evaluate", server_round))
+        return super().configure_evaluate(server_round, *args, **kwargs)
+
     def aggregate_evaluate(self, server_round, replies):
-        self.log.append(("evaluate", server_round))
+        self.log.append(("aggregate_evaluate", server_round))
         return super().aggregate_evaluate(server_round, replies)
 
 
@@ -206,20 +215,32 @@ def _lookahead_run(lookahead, log, fail_round=None, seen=None):
     return c.run(RayGrid(LocalPool(), num_clients=12))
 
 
-def test_lookahead_starts_the_next_training_before_evaluation_and_changes_no_result():
+def test_lookahead_queues_training_ahead_of_evaluation_and_changes_no_result():
     logs: dict[bool, list] = {True: [], False: []}
-    runs = {la: _lookahead_run(la, logs[la]) for la in (True, False)}
+    runs, times = {}, {}
+    for la in (True, False):
+        t0 = time.perf_counter()
+        runs[la] = _lookahead_run(la, logs[la])
+        times[la] = time.perf_counter() - t0
     strip = {
         la: [{k: v for k, v in r.items() if k != "round_wall_s"} for r in res.rounds]
         for la, res in runs.items()
     }
     assert strip[True] == strip[False]
+    assert [r["round"] for r in runs[True].rounds] == [1, 2, 3]
     assert strip[True][2]["eval_loss"] is not None
     assert runs[True].arrays["w"].numpy() == runs[False].arrays["w"].numpy()
-    assert logs[False] == [("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2),
-                           ("train", 3), ("evaluate", 3)]  # fmt: skip
-    assert logs[True] == [("train", 1), ("train", 2), ("evaluate", 1), ("train", 3),
-                          ("evaluate", 2), ("evaluate", 3)]  # fmt: skip
+    ct, at, ce, ae = "configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"
+    assert logs[False] == [(ct, 1), (at, 1), (ce, 1), (ae, 1), (ct, 2), (at, 2), (ce, 2), (ae, 2),
+                           (ct, 3), (at, 3), (ce, 3), (ae, 3)]  # fmt: skip
+    # Round r + 1's training is sent before round r's evaluation, and round r's
+    # evaluation is aggregated after round r + 1's training.
+    assert logs[True] == [(ct, 1), (at, 1), (ct, 2), (ce, 1), (at, 2), (ct, 3), (ce, 2),
+                          (ae, 1), (at, 3), (ce, 3), (ae, 2), (ae, 3)]  # fmt: skip
+    # Each round's wall time runs from the model update before: they tile the run.
+    for res, total in zip(runs.values(), times.values(), strict=True):
+        assert all(r["round_wall_s"] > 0 for r in res.rounds)
+        assert sum(r["round_wall_s"] for r in res.rounds) <= total
 
 
 def test_an_error_starting_the_next_round_early_surfaces_after_this_round_ends():
