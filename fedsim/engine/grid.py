@@ -117,7 +117,8 @@ class RayGrid(Grid):
         With ``fold`` the workers pre-fold the weighted sum of the replies' arrays
         (``fedsim.engine.fold``): replies carry metrics only, and the partial sums come
         back too. Cohort positions are then the messages sorted by client id, and each
-        worker gets a contiguous range of them; otherwise clients are balanced by cost.
+        worker gets a contiguous range of them. Otherwise the workers share the phase,
+        each taking the next client, costliest first (``WorkerPool.submit_shared``).
         """
         return self._submit(messages, fold=fold)
 
@@ -125,18 +126,19 @@ class RayGrid(Grid):
         ids = list(self.push_messages(messages))
         items = [(m.metadata.dst_node_id - NODE_ID_OFFSET, m) for m in self._outbox.values()]
         self._outbox.clear()
+        run_id = self._run.run_id
         if fold:
             items.sort(key=lambda it: it[0])
             ranges = split_ranges([self._cost(cid) for cid, _ in items], self._pool.size)
             batches = [items[a:b] for a, b in ranges]
-            fold_from: list[int] | None = [a for a, _ in ranges]
+            fold_from = [a for a, _ in ranges]
+            pending = self._pool.submit(run_id, self._num_clients, batches, fold_from=fold_from)
+        elif hasattr(self._pool, "submit_shared"):
+            pending = self._pool.submit_shared(run_id, self._num_clients, items, cost=self._cost)
         else:
-            batches, fold_from = balance(items, self._pool.size, self._cost), None
-        return InFlight(
-            ids,
-            fold,
-            self._pool.submit(self._run.run_id, self._num_clients, batches, fold_from=fold_from),
-        )
+            batches = balance(items, self._pool.size, self._cost)
+            pending = self._pool.submit(run_id, self._num_clients, batches)
+        return InFlight(ids, fold, pending)
 
     def collect_phase(
         self, phase: InFlight, *, timeout: float | None = None

@@ -3,17 +3,29 @@
 Each actor builds the ClientApp once; the datasets, shards and model it needs are built
 on first use and reused (see ``clients.app``). A phase of a round is one Ray call per
 actor, carrying that actor's whole batch of messages: no per-client task, no polling.
+
+A phase whose replies are not pre-folded (evaluation; training for strategies that need
+every reply) can instead be *shared*: every actor gets the whole phase and takes its
+next client from a counter in a file the actors share (``ClaimCounter``), so a worker
+that finished its training early evaluates more clients, and none waits for the other.
+Which worker runs a client never changes its reply. Sharing needs the actors on the
+driver's machine (a one-node Ray cluster); otherwise each actor gets a fixed batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import gc
 import heapq
 import io
+import os
 import pickle
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,14 +111,42 @@ def _shared_record(batches: Sequence[Batch]) -> ArrayRecord | None:
     return array_record(first.content) if first is not None and first.has_content() else None
 
 
+class ClaimCounter:
+    """A counter in a small file that the actors of one machine share: ``take`` returns
+    0, 1, 2, ... across all of them, each number once (an exclusive ``flock`` around a
+    read and a write; a few microseconds)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR)
+
+    def take(self) -> int:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            os.pwrite(self._fd, (n + 1).to_bytes(8, "little"), 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return n
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def new_counter(path: str, start: int = 0) -> None:
+    """Create a ``ClaimCounter`` file whose first ``take`` returns ``start``."""
+    with open(path, "wb") as fh:
+        fh.write(start.to_bytes(8, "little"))
+
+
 @dataclass
 class Pending:
     """A phase submitted to the pool and not yet collected."""
 
-    batches: list[Batch]
+    batches: list[Batch]  # one per actor; a shared phase: one, the whole phase
     fold_from: Sequence[int] | None
     record: ArrayRecord | None  # the shared record (global model), sent by token
     token: int | None
+    claims: str | None = None  # a shared phase's counter file
     record_arg: Any = None  # the packed record (or its object ref), made on first need
     # slot -> (object ref of the call, its leading arguments)
     calls: dict[int, tuple[ray.ObjectRef, list]] = field(default_factory=dict)
@@ -153,8 +193,16 @@ class ClientWorker:
         gc.freeze()
         return time.perf_counter() - t0
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def run(
-        self, run_id: int, num_clients: int, batch: Batch, fold_from: int | None = None
+        self,
+        run_id: int,
+        num_clients: int,
+        batch: Sequence[tuple[int, Message]],
+        fold_from: int | None = None,
+        claims: str | None = None,
     ) -> list[Message] | tuple[list[Message], list[Block]]:
         """Run the batch's clients in order; return their replies.
 
@@ -162,10 +210,15 @@ class ClientWorker:
         a contiguous range of positions) the weighted sum of the replies' arrays is
         folded here as each client finishes, and the replies come back with metrics
         only, together with the partial sums (see ``fedsim.engine.fold``).
+
+        With ``claims`` (a shared phase: ``batch`` is the whole phase) only the clients
+        whose index this worker takes from the shared counter run here.
         """
         replies = []
         tree = TreeFold() if fold_from is not None else None
-        for pos, (cid, msg) in enumerate(batch, start=fold_from or 0):
+        for pos, (cid, msg) in _claimed(batch, claims) if claims else enumerate(
+            batch, start=fold_from or 0
+        ):
             context = Context(
                 run_id=run_id,
                 node_id=msg.metadata.dst_node_id,
@@ -192,6 +245,7 @@ class ClientWorker:
         fold_from: int | None = None,
         token: int | None = None,
         record: PackedRecord | None = None,
+        claims: str | None = None,
     ) -> bytes | tuple[bytes, list[Block]]:
         """``run`` with the batch and the replies pickled by the caller and here.
 
@@ -206,13 +260,16 @@ class ClientWorker:
         The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (see
         ``_pack_record``; put in Ray's object store once for all actors when large)
         comes only when this worker does not hold that token yet. So a model already
-        sent for evaluation is not sent again for the next round's training, and the
+        sent for training is not sent again for that round's evaluation, and the
         client app finds the very object whose weights its model still holds.
         """
         if record is not None:
             _HELD.clear()
             _HELD[token] = _unpack_record(record)  # type: ignore[index]
-        result = self.run(run_id, num_clients, pickle.loads(batch), fold_from)
+        items = pickle.loads(batch)
+        if claims is not None:  # one pickle per item: unpickle only those taken here
+            items = _Unpickled(items)
+        result = self.run(run_id, num_clients, items, fold_from, claims)
         if fold_from is None:
             return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         replies, blocks = result
@@ -235,6 +292,35 @@ class ClientWorker:
         return reply, term
 
 
+class _Unpickled(Sequence):
+    """A shared phase's items, each unpickled when it is taken."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self._parts = parts
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return pickle.loads(self._parts[i])
+
+
+def _claimed(batch: Sequence[tuple[int, Message]], path: str) -> Iterator[tuple[int, tuple[int, Message]]]:
+    """The (index, item) pairs of ``batch`` that this worker takes from the counter."""
+    counter = ClaimCounter(path)
+    try:
+        while (i := counter.take()) < len(batch):
+            yield i, batch[i]
+    finally:
+        counter.close()
+
+
+def _shm_dir() -> str:
+    """A private directory for the pool's counter files, in memory where there is one."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="fedsim-pool-", dir=base)
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -255,6 +341,8 @@ class WorkerPool:
         # the last shared record, a snapshot of its contents, its token
         self._shared: tuple[ArrayRecord, list, int] | None = None
         self._in_flight: list[Pending] = []  # submitted, not yet collected, in order
+        self._shm: str | None = None  # the counters' directory once sharing is on
+        self._phases = 0
 
     def _replace(self, i: int) -> None:
         """A fresh actor in slot ``i``; it holds no model yet. Calls of phases still in
@@ -286,8 +374,14 @@ class WorkerPool:
         self._shared = (record, snapshot, token)
         return token
 
-    def _pack(self, batch: Batch, record: ArrayRecord | None, token: int | None) -> bytes:
-        """Pickle a batch with the shared record replaced by a reference to ``token``."""
+    def _pack(
+        self, batch: Batch, record: ArrayRecord | None, token: int | None, each: bool = False
+    ) -> bytes:
+        """Pickle a batch with the shared record replaced by a reference to ``token``.
+
+        With ``each``, every item is pickled on its own (a pickled list of pickles), so a
+        worker of a shared phase unpickles only the items it takes (``_Unpickled``).
+        """
         buf = io.BytesIO()
         p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
         if record is not None:
@@ -298,8 +392,17 @@ class WorkerPool:
                     (_held_record, (token,)) if r is record else r.__reduce_ex__(5)
                 )
             }
-        p.dump(batch)
-        return buf.getvalue()
+        if not each:
+            p.dump(batch)
+            return buf.getvalue()
+        parts = []
+        for item in batch:
+            p.dump(item)
+            parts.append(buf.getvalue())
+            buf.seek(0)
+            buf.truncate()
+            p.clear_memo()
+        return pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL)
 
     @property
     def size(self) -> int:
@@ -314,6 +417,18 @@ class WorkerPool:
                 f"{timeout_s:.0f} s (too few free Ray resources for simulation.num_workers?)"
             )
         ray.get(ready)  # re-raises a worker's start-up error
+        # Share phases only where every actor, now and any replacement, runs on this
+        # machine: a Ray cluster of one node, the driver's.
+        here = ray.get_runtime_context().get_node_id()
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if len(alive) == 1 and alive[0]["NodeID"] == here:
+            if set(ray.get([a.node.remote() for a in self.actors])) == {here}:
+                self._shm = _shm_dir()
+
+    @property
+    def shares_work(self) -> bool:
+        """Whether ``submit_shared`` shares a phase (else it splits it into batches)."""
+        return self._shm is not None
 
     def submit(
         self,
@@ -343,6 +458,33 @@ class WorkerPool:
         self._in_flight.append(pending)
         return pending
 
+    def submit_shared(
+        self,
+        run_id: int,
+        num_clients: int,
+        items: Batch,
+        *,
+        cost: Callable[[int], float] = lambda cid: 1.0,
+    ) -> Pending:
+        """Start a phase that every actor shares (see the module docstring): each takes
+        its next client from a shared counter, the costliest first. Without sharing,
+        the phase is balanced into one batch per actor (``balance``)."""
+        if self._shm is None:
+            return self.submit(run_id, num_clients, balance(items, self.size, cost))
+        items = sorted(items, key=lambda it: (-cost(it[0]), it[0]))
+        record = _shared_record([items])
+        token = None if record is None else self._token(record)
+        self._phases += 1
+        path = os.path.join(self._shm, str(self._phases))
+        new_counter(path)
+        pending = Pending([items], None, record, token, claims=path)
+        args = [run_id, num_clients, self._pack(items, record, token, each=True), None]
+        if items:
+            for i in range(self.size):
+                self._call(pending, i, args)
+        self._in_flight.append(pending)
+        return pending
+
     def _call(self, pending: Pending, i: int, args: list) -> None:
         """Submit ``pending``'s call for slot ``i`` to the actor now in that slot,
         with the shared record when that actor does not hold it yet."""
@@ -355,7 +497,7 @@ class WorkerPool:
                 size = sum(a.nbytes for *_, a in data)
                 pending.record_arg = ray.put(data) if size > INLINE_RECORD_BYTES else data
             send = pending.record_arg
-        ref = self.actors[i].run_packed.remote(*args, pending.token, send)
+        ref = self.actors[i].run_packed.remote(*args, pending.token, send, pending.claims)
         pending.calls[i] = (ref, args)
         self._held[i] = pending.token
 
@@ -376,6 +518,7 @@ class WorkerPool:
         replies: list[Message] = []
         blocks: list[Block] = []
         lost: list[int] = []
+        failure = None
         for ref in ready:
             i = refs[ref]
             try:
@@ -383,11 +526,12 @@ class WorkerPool:
                 got = pickle.loads(got) if fold_from is None else (pickle.loads(got[0]), got[1])
             except ray.exceptions.RayError as exc:
                 # The actor died (e.g. out of memory): its clients fail this phase.
-                reason = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                replies.extend(
-                    Message(Error(ErrorCode.CLIENT_APP_CRASHED, reason), reply_to=m)
-                    for _, m in batches[i]
-                )
+                failure = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                if pending.claims is None:
+                    replies.extend(
+                        Message(Error(ErrorCode.CLIENT_APP_CRASHED, failure), reply_to=m)
+                        for _, m in batches[i]
+                    )
                 lost.append(i)
                 self._replace(i)
                 continue
@@ -401,6 +545,16 @@ class WorkerPool:
             lost.append(i)
             ray.kill(self.actors[i])
             self._replace(i)
+        if pending.claims is not None:
+            with contextlib.suppress(OSError):
+                os.remove(pending.claims)
+            if failure is not None:  # which clients the lost actor had taken is unknown:
+                done = {r.metadata.reply_to_message_id for r in replies}  # all without a reply
+                replies.extend(
+                    Message(Error(ErrorCode.CLIENT_APP_CRASHED, failure), reply_to=m)
+                    for _, m in batches[0]
+                    if m.metadata.message_id not in done
+                )
         if fold_from is not None:
             for i in lost:
                 empty = TreeFold()
@@ -426,6 +580,9 @@ class WorkerPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if self._shm is not None:
+            shutil.rmtree(self._shm, ignore_errors=True)
+            self._shm = None
 
 
 def balance(

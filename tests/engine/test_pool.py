@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +46,19 @@ def _batches(record: ArrayRecord, kind: str, rnd: int, tag: str):
             batch.append((cid, msg))
         out.append(batch)
     return out
+
+
+def _kill(actor) -> None:
+    """ray.kill, and wait until the actor is gone (the kill is asynchronous: a call sent
+    right after it may still run)."""
+    ray.kill(actor)
+    for _ in range(200):
+        try:
+            ray.get(actor.node.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor is still running")
 
 
 def _train(pool, record, rnd, tag):
@@ -103,7 +118,7 @@ def test_held_records_give_the_same_results_as_sending_every_time(scenario, ray_
         assert pool._held == [0, 0]
         sums_b = _train(pool, b, 2, "r2")  # a new record gets a new token
         assert pool._held == [1, 1]
-        ray.kill(pool.actors[0])  # a lost worker is replaced and sent the record again
+        _kill(pool.actors[0])  # a lost worker is replaced and sent the record again
         replies, _ = pool.run(1, NUM_CLIENTS, _batches(b, MessageType.EVALUATE, 2, "x"))
         assert sum(r.has_error() for r in replies) == 4 and pool._held == [None, 1]
         ev_b = _evaluate(pool, b, 2, "e2")
@@ -150,7 +165,7 @@ def test_a_phase_queued_behind_another_runs_next_also_on_a_replaced_worker(scena
         assert all(np.array_equal(sums[k], sums_ref[k]) for k in sums_ref)
         # A worker lost with both phases queued on it: its evaluation clients fail, and its
         # training call goes to the replacement, which is sent the model first.
-        ray.kill(pool.actors[0])
+        _kill(pool.actors[0])
         (ev, _), (tr, blocks) = both(pool)
         assert sum(r.has_error() for r in ev) == 4
         assert not any(r.has_error() for r in tr) and pool._held == [0, 0]
@@ -158,3 +173,76 @@ def test_a_phase_queued_behind_another_runs_next_also_on_a_replaced_worker(scena
         assert all(np.array_equal(sums[k], sums_ref[k]) for k in sums_ref)
     finally:
         pool.shutdown()
+
+
+def _items(record: ArrayRecord, kind: str, rnd: int, tag: str):
+    return [item for batch in _batches(record, kind, rnd, tag) for item in batch]
+
+
+def test_a_shared_phase_runs_each_client_once_with_the_replies_of_fixed_batches(
+    scenario, ray_cluster
+):
+    spec = scenario.model_dump_json()
+    b = _model(scenario, 2)
+    pool = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        pool.warm()
+        assert pool.shares_work  # one node: the workers share a counter
+        fixed = _evaluate(pool, b, 2, "e")
+        pending = pool.submit_shared(1, NUM_CLIENTS, _items(b, MessageType.EVALUATE, 2, "e"))
+        counter = pending.claims
+        replies, _ = pool.collect(pending)
+        ids = [r.metadata.reply_to_message_id for r in replies]
+        assert sorted(ids) == sorted(f"e-{c}" for c in range(NUM_CLIENTS))  # each once
+        assert sorted((i, r.content["metrics"]["eval_loss"]) for i, r in zip(ids, replies)) == fixed
+        assert not os.path.exists(counter)  # removed once the phase is collected
+        claims = pool._shm
+    finally:
+        pool.shutdown()
+    assert not os.path.exists(claims)
+
+
+def test_a_shared_phase_fails_only_the_clients_a_lost_worker_had_taken(
+    scenario, ray_cluster, monkeypatch
+):
+    spec = scenario.model_dump_json()
+    b = _model(scenario, 2)
+    pool = WorkerPool(spec, num_workers=2, cpus=1, gpus=0, torch_threads=1)
+    try:
+        pool.warm()
+        _kill(pool.actors[0])
+        # As if the lost worker had taken the first three clients before it died.
+        create = pool_mod.new_counter
+        monkeypatch.setattr(pool_mod, "new_counter", lambda path: create(path, 3))
+        items = _items(b, MessageType.EVALUATE, 2, "e")
+        replies, _ = pool.collect(pool.submit_shared(1, NUM_CLIENTS, items))
+        bad = sorted(r.metadata.reply_to_message_id for r in replies if r.has_error())
+        good = sorted(r.metadata.reply_to_message_id for r in replies if not r.has_error())
+        assert bad == ["e-0", "e-1", "e-2"]  # equal costs: the order is by client id
+        assert good == [f"e-{c}" for c in range(3, NUM_CLIENTS)]
+        assert all("worker failed" in r.error.reason for r in replies if r.has_error())
+        # the lost worker was replaced: the next shared phase runs on both again
+        monkeypatch.undo()
+        replies, _ = pool.collect(pool.submit_shared(1, NUM_CLIENTS, items))
+        assert not any(r.has_error() for r in replies) and len(replies) == NUM_CLIENTS
+    finally:
+        pool.shutdown()
+
+
+def _take(path: str, n: int) -> list[int]:
+    counter = pool_mod.ClaimCounter(path)
+    try:
+        return [counter.take() for _ in range(n)]
+    finally:
+        counter.close()
+
+
+def test_the_claim_counter_gives_each_number_once_across_processes(tmp_path):
+    import multiprocessing as mp
+
+    path = str(tmp_path / "counter")
+    pool_mod.new_counter(path)
+    with mp.get_context("spawn").Pool(3) as procs:
+        got = procs.starmap(_take, [(path, 400)] * 3)
+    assert sorted(x for part in got for x in part) == list(range(1200))
+    assert all(part == sorted(part) for part in got)
