@@ -216,8 +216,8 @@ class ClientWorker:
         """
         replies = []
         tree = TreeFold() if fold_from is not None else None
-        for pos, (cid, msg) in _claimed(batch, claims) if claims else enumerate(
-            batch, start=fold_from or 0
+        for pos, (cid, msg) in (
+            _claimed(batch, claims) if claims else enumerate(batch, start=fold_from or 0)
         ):
             context = Context(
                 run_id=run_id,
@@ -305,7 +305,9 @@ class _Unpickled(Sequence):
         return pickle.loads(self._parts[i])
 
 
-def _claimed(batch: Sequence[tuple[int, Message]], path: str) -> Iterator[tuple[int, tuple[int, Message]]]:
+def _claimed(
+    batch: Sequence[tuple[int, Message]], path: str
+) -> Iterator[tuple[int, tuple[int, Message]]]:
     """The (index, item) pairs of ``batch`` that this worker takes from the counter."""
     counter = ClaimCounter(path)
     try:
@@ -421,9 +423,9 @@ class WorkerPool:
         # machine: a Ray cluster of one node, the driver's.
         here = ray.get_runtime_context().get_node_id()
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        if len(alive) == 1 and alive[0]["NodeID"] == here:
-            if set(ray.get([a.node.remote() for a in self.actors])) == {here}:
-                self._shm = _shm_dir()
+        one_node = len(alive) == 1 and alive[0]["NodeID"] == here
+        if one_node and set(ray.get([a.node.remote() for a in self.actors])) == {here}:
+            self._shm = _shm_dir()
 
     @property
     def shares_work(self) -> bool:

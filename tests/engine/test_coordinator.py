@@ -230,7 +230,12 @@ def test_lookahead_queues_training_ahead_of_evaluation_and_changes_no_result():
     assert [r["round"] for r in runs[True].rounds] == [1, 2, 3]
     assert strip[True][2]["eval_loss"] is not None
     assert runs[True].arrays["w"].numpy() == runs[False].arrays["w"].numpy()
-    ct, at, ce, ae = "configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"
+    ct, at, ce, ae = (
+        "configure_train",
+        "aggregate_train",
+        "configure_evaluate",
+        "aggregate_evaluate",
+    )
     assert logs[False] == [(ct, 1), (at, 1), (ce, 1), (ae, 1), (ct, 2), (at, 2), (ce, 2), (ae, 2),
                            (ct, 3), (at, 3), (ce, 3), (ae, 3)]  # fmt: skip
     # Round r + 1's training is sent before round r's evaluation, and round r's

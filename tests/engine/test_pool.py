@@ -194,7 +194,8 @@ def test_a_shared_phase_runs_each_client_once_with_the_replies_of_fixed_batches(
         replies, _ = pool.collect(pending)
         ids = [r.metadata.reply_to_message_id for r in replies]
         assert sorted(ids) == sorted(f"e-{c}" for c in range(NUM_CLIENTS))  # each once
-        assert sorted((i, r.content["metrics"]["eval_loss"]) for i, r in zip(ids, replies)) == fixed
+        losses = [r.content["metrics"]["eval_loss"] for r in replies]
+        assert sorted(zip(ids, losses, strict=True)) == fixed
         assert not os.path.exists(counter)  # removed once the phase is collected
         claims = pool._shm
     finally:
