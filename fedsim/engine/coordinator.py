@@ -289,97 +289,113 @@ class Coordinator:
         open_round: _OpenRound | None = None  # trained, its evaluation still in flight
         t_update = time.perf_counter()  # when the model last changed (round 0: the start)
 
-        for rnd in range(1, self.rounds + 1):
-            if nxt is None:
-                start = self._start_round(grid, directory, rnd, arrays)
-            elif isinstance(nxt, Exception):
-                if open_round is not None:  # the round before still ends first
-                    self._finish(grid, open_round, result)
-                raise nxt
-            else:  # started during the previous round
-                start = nxt
-            nxt = None
-            record: dict[str, Any] = {"round": rnd}
-            cids, plan, run_cids, dropouts = start.cids, start.plan, start.run_cids, start.dropouts
-
-            replies: list[Message] = []
-            ok = failed = 0
-            good: list[int] = []
-            if start.train is not None:
-                ordered, ok, failed, sent, blocks = self._receive(grid, start.train)
-                good = [
-                    c for c, r in zip(run_cids, ordered, strict=True) if r and not r.has_error()
-                ]
-                if self.fold_train:
-                    folded = fold_weighted_mean(
-                        ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
-                    )
-                    replies = [folded] if folded is not None else []
-                else:
-                    replies = [r for r in ordered if r is not None]
-            status = dict.fromkeys(cids, AGGREGATED) if plan is None else plan.status
-            for c in run_cids:  # a planned reply that failed for real is lost too
-                if status[c] == AGGREGATED and c not in good:
-                    status[c] = DROPPED
-            n_agg = sum(1 for c in run_cids if status[c] == AGGREGATED)
-            skipped = n_agg < self.policy.min_replies
-            train_metrics = None
-            if skipped:
-                log.warning(
-                    "round %d skipped: %d replies to aggregate, coordinator.min_replies = %d",
-                    rnd,
-                    n_agg,
-                    self.policy.min_replies,
+        try:
+            for rnd in range(1, self.rounds + 1):
+                if nxt is None:
+                    start = self._start_round(grid, directory, rnd, arrays)
+                elif isinstance(nxt, Exception):
+                    raise nxt
+                else:  # started during the previous round
+                    start = nxt
+                nxt = None
+                record: dict[str, Any] = {"round": rnd}
+                cids, plan, run_cids, dropouts = (
+                    start.cids,
+                    start.plan,
+                    start.run_cids,
+                    start.dropouts,
                 )
-                for c in cids:
-                    if status[c] == AGGREGATED:
-                        status[c] = REPLIED
-            else:
-                new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
-                if new_arrays is not None:
-                    arrays = new_arrays
-            t_from, t_update = t_update, time.perf_counter()
-            if plan is not None:
-                self.clock += plan.duration_s
-            record["train_loss"] = _get(train_metrics, "train_loss")
-            record["virtual_time_s"] = self.clock if self.world is not None else None
-            record["clients_online"] = start.n_online
-            record["clients_selected"] = len(cids)
-            record["clients_replied"] = ok
-            record["clients_failed"] = failed - dropouts if failed >= dropouts else failed
-            record["clients_dropped"] = sum(1 for v in status.values() if v == DROPPED)
-            record["clients_late"] = sum(1 for v in status.values() if v == LATE)
-            record["clients_aggregated"] = 0 if skipped else n_agg
-            record["round_skipped"] = skipped
-            if self.on_participation is not None:
-                self.on_participation(rnd, start.online, status)
 
-            if ahead and rnd < self.rounds:
-                # Queue the next round's training on the workers now, ahead of this
-                # round's evaluation: a worker that finishes it runs this evaluation (and
-                # the one before) while the coordinator aggregates, so no worker waits for
-                # the coordinator between rounds. Nothing later in this round reads what
-                # starting it changes.
-                try:
-                    nxt = self._start_round(grid, directory, rnd + 1, arrays)
-                except Exception as exc:  # raised when round rnd + 1 begins, as without
-                    nxt = exc
-            esent = None
-            if self.eval_cohort > 0:
-                if self.evaluate_trained:
-                    ecids = [c for c in cids if status[c] == AGGREGATED]
-                else:
-                    ecids = self.sample(
-                        rnd, "evaluate", min(self.eval_cohort, start.n_online), start.online
+                replies: list[Message] = []
+                ok = failed = 0
+                good: list[int] = []
+                if start.train is not None:
+                    ordered, ok, failed, sent, blocks = self._receive(grid, start.train)
+                    good = [
+                        c for c, r in zip(run_cids, ordered, strict=True) if r and not r.has_error()
+                    ]
+                    if self.fold_train:
+                        folded = fold_weighted_mean(
+                            ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
+                        )
+                        replies = [folded] if folded is not None else []
+                    else:
+                        replies = [r for r in ordered if r is not None]
+                status = dict.fromkeys(cids, AGGREGATED) if plan is None else plan.status
+                for c in run_cids:  # a planned reply that failed for real is lost too
+                    if status[c] == AGGREGATED and c not in good:
+                        status[c] = DROPPED
+                n_agg = sum(1 for c in run_cids if status[c] == AGGREGATED)
+                skipped = n_agg < self.policy.min_replies
+                train_metrics = None
+                if skipped:
+                    log.warning(
+                        "round %d skipped: %d replies to aggregate, coordinator.min_replies = %d",
+                        rnd,
+                        n_agg,
+                        self.policy.min_replies,
                     )
-                if ecids:
-                    esent = self._send(grid, directory, rnd, "evaluate", ecids, arrays)
+                    for c in cids:
+                        if status[c] == AGGREGATED:
+                            status[c] = REPLIED
+                else:
+                    new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+                    if new_arrays is not None:
+                        arrays = new_arrays
+                t_from, t_update = t_update, time.perf_counter()
+                if plan is not None:
+                    self.clock += plan.duration_s
+                record["train_loss"] = _get(train_metrics, "train_loss")
+                record["virtual_time_s"] = self.clock if self.world is not None else None
+                record["clients_online"] = start.n_online
+                record["clients_selected"] = len(cids)
+                record["clients_replied"] = ok
+                record["clients_failed"] = failed - dropouts if failed >= dropouts else failed
+                record["clients_dropped"] = sum(1 for v in status.values() if v == DROPPED)
+                record["clients_late"] = sum(1 for v in status.values() if v == LATE)
+                record["clients_aggregated"] = 0 if skipped else n_agg
+                record["round_skipped"] = skipped
+                if self.on_participation is not None:
+                    self.on_participation(rnd, start.online, status)
+
+                if ahead and rnd < self.rounds:
+                    # Queue the next round's training on the workers now, ahead of this
+                    # round's evaluation: a worker that finishes it runs this evaluation (and
+                    # the one before) while the coordinator aggregates, so no worker waits for
+                    # the coordinator between rounds. Nothing later in this round reads what
+                    # starting it changes.
+                    try:
+                        nxt = self._start_round(grid, directory, rnd + 1, arrays)
+                    except Exception as exc:  # raised when round rnd + 1 begins, as without
+                        nxt = exc
+                esent = None
+                if self.eval_cohort > 0:
+                    if self.evaluate_trained:
+                        ecids = [c for c in cids if status[c] == AGGREGATED]
+                    else:
+                        ecids = self.sample(
+                            rnd, "evaluate", min(self.eval_cohort, start.n_online), start.online
+                        )
+                    if ecids:
+                        esent = self._send(grid, directory, rnd, "evaluate", ecids, arrays)
+                if open_round is not None:
+                    done, open_round = open_round, None
+                    self._finish(grid, done, result)
+                open_round = _OpenRound(record, esent, arrays, t_from, t_update)
+                if not ahead or rnd == self.rounds:
+                    done, open_round = open_round, None
+                    self._finish(grid, done, result)
+        except Exception:
+            # A round that trained before the error still gets its evaluation and its
+            # record, as it would have without the overlap.
             if open_round is not None:
-                self._finish(grid, open_round, result)
-            open_round = _OpenRound(record, esent, arrays, t_from, t_update)
-            if not ahead or rnd == self.rounds:
-                self._finish(grid, open_round, result)
-                open_round = None
+                try:
+                    self._finish(grid, open_round, result)
+                except Exception as exc:  # the first error is the one to report
+                    log.warning(
+                        "round %d could not be recorded: %s", open_round.record["round"], exc
+                    )
+            raise
 
         result.arrays = arrays
         return result

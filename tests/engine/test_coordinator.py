@@ -253,3 +253,37 @@ def test_an_error_starting_the_next_round_early_surfaces_after_this_round_ends()
     with pytest.raises(RuntimeError, match="broke in round 2"):
         _lookahead_run(True, [], fail_round=2, seen=seen)
     assert [r["round"] for r in seen] == [1]  # round 1 was recorded before the error
+
+
+class FailsInRound(LocalPool):
+    """Every client fails in one round's training."""
+
+    def __init__(self, bad_round):
+        super().__init__()
+        self.bad_round = bad_round
+
+    def _reply(self, cid, msg):
+        config = msg.content.config_records.get("config")
+        if config is not None and config.get("server-round") == self.bad_round:
+            return Message(Error(2, f"client {cid} broke"), reply_to=msg)
+        return super()._reply(cid, msg)
+
+
+def test_a_round_that_fails_in_training_leaves_the_round_before_recorded():
+    for lookahead in (True, False):
+        seen: list = []
+        c = Coordinator(
+            fold_train=True,
+            strategy=FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
+            initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+            num_clients=12,
+            rounds=3,
+            train_cohort=5,
+            eval_cohort=3,
+            seed=4,
+            on_round=seen.append,
+            lookahead=lookahead,
+        )
+        with pytest.raises(AllClientsFailed, match="round 2"):
+            c.run(RayGrid(FailsInRound(2), num_clients=12))
+        assert [r["round"] for r in seen] == [1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -230,20 +232,20 @@ def test_a_shared_phase_fails_only_the_clients_a_lost_worker_had_taken(
         pool.shutdown()
 
 
-def _take(path: str, n: int) -> list[int]:
-    counter = pool_mod.ClaimCounter(path)
-    try:
-        return [counter.take() for _ in range(n)]
-    finally:
-        counter.close()
-
-
 def test_the_claim_counter_gives_each_number_once_across_processes(tmp_path):
-    import multiprocessing as mp
-
     path = str(tmp_path / "counter")
     pool_mod.new_counter(path)
-    with mp.get_context("spawn").Pool(3) as procs:
-        got = procs.starmap(_take, [(path, 400)] * 3)
-    assert sorted(x for part in got for x in part) == list(range(1200))
+    code = (
+        "import sys\n"
+        "from fedsim.engine.pool import ClaimCounter\n"
+        "c = ClaimCounter(sys.argv[1])\n"
+        "print(' '.join(str(c.take()) for _ in range(20000)))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    got = [[int(x) for x in p.communicate(timeout=120)[0].split()] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(x for part in got for x in part) == list(range(60000))
     assert all(part == sorted(part) for part in got)
