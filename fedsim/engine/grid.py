@@ -117,8 +117,9 @@ class RayGrid(Grid):
         With ``fold`` the workers pre-fold the weighted sum of the replies' arrays
         (``fedsim.engine.fold``): replies carry metrics only, and the partial sums come
         back too. Cohort positions are then the messages sorted by client id, and each
-        worker gets a contiguous range of them. Otherwise the workers share the phase,
-        each taking the next client, costliest first (``WorkerPool.submit_shared``).
+        worker gets a contiguous range of them. Otherwise the workers share the phase
+        where they can, each taking the next client, costliest first
+        (``WorkerPool.submit_shared``), or each gets a batch balanced by cost.
         """
         return self._submit(messages, fold=fold)
 
@@ -133,7 +134,7 @@ class RayGrid(Grid):
             batches = [items[a:b] for a, b in ranges]
             fold_from = [a for a, _ in ranges]
             pending = self._pool.submit(run_id, self._num_clients, batches, fold_from=fold_from)
-        elif hasattr(self._pool, "submit_shared"):
+        elif getattr(self._pool, "shares_work", False):
             pending = self._pool.submit_shared(run_id, self._num_clients, items, cost=self._cost)
         else:
             batches = balance(items, self._pool.size, self._cost)

@@ -429,8 +429,21 @@ class WorkerPool:
 
     @property
     def shares_work(self) -> bool:
-        """Whether ``submit_shared`` shares a phase (else it splits it into batches)."""
+        """Whether the actors can share a phase (``submit_shared``)."""
         return self._shm is not None
+
+    def _pending(
+        self,
+        batches: list[Batch],
+        fold_from: Sequence[int] | None = None,
+        claims: str | None = None,
+    ) -> Pending:
+        """A phase about to be submitted, with its shared record's token; in flight."""
+        record = _shared_record(batches)
+        token = None if record is None else self._token(record)
+        pending = Pending(batches, fold_from, record, token, claims=claims)
+        self._in_flight.append(pending)
+        return pending
 
     def submit(
         self,
@@ -446,9 +459,8 @@ class WorkerPool:
         submitted (Ray keeps a caller's calls to one actor in order), so a phase can be
         queued behind the one before it and start the moment that one ends.
         """
-        record = _shared_record(batches)
-        token = None if record is None else self._token(record)
-        pending = Pending(list(batches), fold_from, record, token)
+        pending = self._pending(list(batches), fold_from)
+        record, token = pending.record, pending.token
         calls = []
         for i, b in enumerate(batches):
             if b:
@@ -457,7 +469,6 @@ class WorkerPool:
         # Pack every batch first, then submit back to back: the workers start together.
         for i, args in calls:
             self._call(pending, i, args)
-        self._in_flight.append(pending)
         return pending
 
     def submit_shared(
@@ -469,22 +480,19 @@ class WorkerPool:
         cost: Callable[[int], float] = lambda cid: 1.0,
     ) -> Pending:
         """Start a phase that every actor shares (see the module docstring): each takes
-        its next client from a shared counter, the costliest first. Without sharing,
-        the phase is balanced into one batch per actor (``balance``)."""
+        its next client from a shared counter, the costliest first. Only where
+        ``shares_work``; elsewhere ``submit`` fixed batches (``balance``)."""
         if self._shm is None:
-            return self.submit(run_id, num_clients, balance(items, self.size, cost))
+            raise RuntimeError("the actors cannot share a phase: submit fixed batches")
         items = sorted(items, key=lambda it: (-cost(it[0]), it[0]))
-        record = _shared_record([items])
-        token = None if record is None else self._token(record)
         self._phases += 1
         path = os.path.join(self._shm, str(self._phases))
         new_counter(path)
-        pending = Pending([items], None, record, token, claims=path)
-        args = [run_id, num_clients, self._pack(items, record, token, each=True), None]
+        pending = self._pending([items], claims=path)
+        packed = self._pack(items, pending.record, pending.token, each=True)
         if items:
             for i in range(self.size):
-                self._call(pending, i, args)
-        self._in_flight.append(pending)
+                self._call(pending, i, [run_id, num_clients, packed, None])
         return pending
 
     def _call(self, pending: Pending, i: int, args: list) -> None:

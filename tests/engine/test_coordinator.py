@@ -198,7 +198,7 @@ class CallOrder(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
 
-def _lookahead_run(lookahead, log, fail_round=None, seen=None):
+def _lookahead_run(lookahead, log, fail_round=None, seen=None, pool=None):
     c = Coordinator(
         fold_train=True,
         strategy=CallOrder(log, fail_round),
@@ -212,7 +212,7 @@ def _lookahead_run(lookahead, log, fail_round=None, seen=None):
         on_round=None if seen is None else seen.append,
         lookahead=lookahead,
     )
-    return c.run(RayGrid(LocalPool(), num_clients=12))
+    return c.run(RayGrid(pool or LocalPool(), num_clients=12))
 
 
 def test_lookahead_queues_training_ahead_of_evaluation_and_changes_no_result():
@@ -272,18 +272,6 @@ class FailsInRound(LocalPool):
 def test_a_round_that_fails_in_training_leaves_the_round_before_recorded():
     for lookahead in (True, False):
         seen: list = []
-        c = Coordinator(
-            fold_train=True,
-            strategy=FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
-            initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
-            num_clients=12,
-            rounds=3,
-            train_cohort=5,
-            eval_cohort=3,
-            seed=4,
-            on_round=seen.append,
-            lookahead=lookahead,
-        )
         with pytest.raises(AllClientsFailed, match="round 2"):
-            c.run(RayGrid(FailsInRound(2), num_clients=12))
+            _lookahead_run(lookahead, [], seen=seen, pool=FailsInRound(2))
         assert [r["round"] for r in seen] == [1]
