@@ -10,30 +10,31 @@ fedsim's Ray grid, Flower's simulation runtime, and on real SuperNodes
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.training import evaluate_model, pick_device, train_local
+from clients.behaviour import Behaviour, ClientTask
+from clients.training import pick_device
 from fedsim.arrays import to_array, torch_state
+from fedsim.client_params import DROPOUT_KEY
 from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
 from fedsim.rng import torch_generator
+from fedsim.scenario import Scenario, scenario_from_json
 
 PARTITION_ID = "partition-id"
 
 
 @dataclass
 class _Env:
-    scenario: Any  # fedsim.scenario.Scenario (imported lazily: it imports this package)
+    scenario: Scenario
     federation: AnyFederation
     model: torch.nn.Module
     device: torch.device
-    dropout: Any = None  # fedsim.world.system.DropoutModel
+    behaviour: Behaviour  # the scenario's [client] table, a registered behaviour
     last_record: ArrayRecord | None = None
     last_state: dict[str, torch.Tensor] | None = None
     holds: ArrayRecord | None = None  # the record env.model's weights equal, if unchanged
@@ -41,9 +42,7 @@ class _Env:
 
 @functools.lru_cache(maxsize=2)
 def _env(spec_json: str) -> _Env:
-    from fedsim.scenario import Scenario
-
-    scn = Scenario.model_validate(json.loads(spec_json))
+    scn = scenario_from_json(spec_json)  # imports the scenario's plug-ins first
     torch.set_num_threads(scn.simulation.torch_threads)
     fed = load_federation(scn.data, seed=scn.run.seed)
     device = pick_device(scn.simulation.client_resources.gpus)
@@ -51,14 +50,15 @@ def _env(spec_json: str) -> _Env:
     model = build_model(
         scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
     )
-    from fedsim.world.system import DropoutModel
-
-    dropout = DropoutModel(scn.churn.dropout, num_clients=scn.num_clients, seed=scn.run.seed)
-    return _Env(scn, fed, model.to(device), device, dropout if dropout.active else None)
+    if not isinstance(scn.client, Behaviour):
+        raise TypeError(
+            f"client behaviour '{scn.client.behaviour}' is not a clients.behaviour.Behaviour"
+        )
+    return _Env(scn, fed, model.to(device), device, scn.client)
 
 
 class SimulatedDropout(RuntimeError):
-    """The scenario's churn.dropout made this client vanish before replying."""
+    """The coordinator's plan (churn.dropout) made this client vanish before replying."""
 
 
 def _client_id(context: Context) -> int:
@@ -94,40 +94,33 @@ def build_client_app(spec_json: str) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         env = _env(spec_json)
-        scn, fed = env.scenario, env.federation
         cid = _client_id(context)
         config = msg.content.config_records.get("config", ConfigRecord())
-        server_round = int(config.get("server-round", 0))
-        if env.dropout is not None and env.dropout.dropped(cid, server_round):
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        if config.get(DROPOUT_KEY):
             raise SimulatedDropout(
                 f"client {cid} dropped out in round {server_round} (churn.dropout)"
             )
-        mu = float(config.get("proximal-mu", scn.client.mu))
-        max_steps = config.get("max-steps")  # a straggler's partial work (coordinator policy)
         _load_arrays(env, msg)
         env.holds = None  # training changes the weights
-        x, y = fed.train_data(cid)
-        c = scn.client
-        res = train_local(
+        x, y = env.federation.train_data(cid)
+        seed = env.scenario.run.seed
+        task = ClientTask(
+            cid,
+            server_round,
+            config,
             env.model,
+            env.device,
             x,
             y,
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            mu=mu,
-            generator=torch_generator(scn.run.seed, "batch", server_round, cid),
-            device=env.device,
-            max_steps=None if max_steps is None else int(max_steps),
+            generator=torch_generator(seed, "batch", server_round, cid),
+            state=context.state,
         )
+        out = env.behaviour.train(task)
         content = RecordDict(
             {
                 "arrays": to_array_record(env.model.state_dict()),
-                "metrics": MetricRecord(
-                    {"num-examples": res.num_examples, "train_loss": res.train_loss}
-                ),
+                "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
             }
         )
         return Message(content, reply_to=msg)
@@ -135,20 +128,16 @@ def build_client_app(spec_json: str) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         env = _env(spec_json)
-        fed = env.federation
         cid = _client_id(context)
+        config = msg.content.config_records.get("config", ConfigRecord())
         _load_arrays(env, msg)
-        x, y = fed.test_data(cid)
-        res = evaluate_model(
-            env.model,
-            x,
-            y,
-            batch_size=env.scenario.client.eval_batch_size,
-            device=env.device,
+        x, y = env.federation.test_data(cid)
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        task = ClientTask(
+            cid, server_round, config, env.model, env.device, x, y, state=context.state
         )
-        metrics = MetricRecord(
-            {"num-examples": res.num_examples, "eval_loss": res.loss, "eval_accuracy": res.accuracy}
-        )
+        out = env.behaviour.evaluate(task)
+        metrics = MetricRecord({"num-examples": out.num_examples, **out.metrics})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     @app.query()

@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the scenario JSON Schema")
     sch.add_argument("--out", type=Path, help="write to a file instead of stdout")
+    sch.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="include a plug-in's registrations, as run.plugins does (repeatable)",
+    )
     return p
 
 
@@ -92,8 +100,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from fedsim.plugins import load_plugins
     from fedsim.scenario import json_schema
 
+    try:
+        load_plugins(args.plugins, key="--plugin")
+    except ScenarioError as exc:
+        _print_problems("", exc)
+        return EXIT_BAD_INPUT
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedsim.registry import Registry
+from fedsim.registry import Registry, Variants
 from fedsim.rng import int_seed
 from fedsim.sections import Section
 
@@ -52,7 +52,7 @@ class ModelParams(Section, ABC):
         """A freshly initialised module mapping ``(N, *input_shape)`` to ``(N, num_classes)``."""
 
 
-MODELS: Registry[type[ModelParams]] = Registry("model")
+MODELS: Registry[type[ModelParams]] = Registry("model", key="name", default="mlp")
 
 
 def _check_dims(input_shape: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
@@ -146,7 +146,8 @@ class CnnModel(ModelParams):
         return nn.Sequential(*layers)
 
 
-ModelSpec = Annotated[LogregModel | MlpModel | CnnModel, Field(discriminator="name")]
+# The [model] table: a union of every registered model, built from the registry.
+ModelSpec = Annotated[ModelParams, Variants(MODELS)]
 """A scenario ``[model]`` table: one of the registered parameter blocks, chosen by ``name``."""
 
 

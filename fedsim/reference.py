@@ -80,12 +80,23 @@ def table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> li
     return rows
 
 
+def _builtin(registry: Any) -> list[str]:
+    """The registry's names that fedsim itself ships (a plug-in loaded in this process
+    is not part of the reference)."""
+    return [
+        n
+        for n in registry.names()
+        if registry.params(n).__module__.split(".")[0] in ("fedsim", "strategies", "clients")
+    ]
+
+
 def _variants(
     title: str, key: str, registry: Any, prefix: str, common: tuple[str, ...]
 ) -> list[str]:
-    out = [f"`{key}` selects one of: " + ", ".join(f"`{n}`" for n in registry.names()) + ".", ""]
-    for name in registry.names():
-        cls = registry.get(name)
+    names = _builtin(registry)
+    out = [f"`{key}` selects one of: " + ", ".join(f"`{n}`" for n in names) + ".", ""]
+    for name in names:
+        cls = registry.params(name)
         doc = (cls.__doc__ or "").strip().splitlines()
         out += [f"**{title} `{name}`**" + (f": {doc[0]}" if doc else ""), ""]
         keys = [k for k in cls.model_fields if k not in (key, *common)]
@@ -98,26 +109,28 @@ def _variants(
 
 
 def render() -> str:
+    from fedsim.client_params import CLIENTS, ClientParams
     from fedsim.data import DATASETS, PARTITIONERS
     from fedsim.models import MODELS
     from fedsim.scenario import (
         ClientResources,
-        ClientSection,
         PrivacySection,
         RunSection,
         SimulationSection,
+        refresh_schema,
     )
+    from fedsim.strategy_params import STRATEGIES, StrategyParams
     from fedsim.world.config import (
-        AvailabilitySpec,
+        AVAILABILITY,
+        DISTRIBUTIONS,
         CoordinatorSection,
-        DistSpec,
         DropoutSection,
         MembershipSection,
         StragglerSection,
         SystemSection,
     )
-    from strategies import STRATEGIES, StrategyParams
 
+    refresh_schema()  # built-in registrations loaded
     common_strategy = tuple(k for k in StrategyParams.model_fields if k != "name")
     lines = [BEGIN, "", "### `[run]`", ""] + table(RunSection, "run.")
     lines += ["", "### `[data]`", ""]
@@ -125,17 +138,18 @@ def render() -> str:
     lines += ["### `[data.partition]`", ""]
     lines += _variants("partitioner", "kind", PARTITIONERS, "data.partition.", ())
     lines += ["### `[model]`", ""] + _variants("model", "name", MODELS, "model.", ())
-    lines += ["### `[client]`", ""] + table(ClientSection, "client.")
-    lines += ["", "### `[strategy]`", "", "Common to every strategy:", ""]
+    common_client = tuple(k for k in ClientParams.model_fields if k != "behaviour")
+    lines += ["### `[client]`", "", "Common to every client behaviour:", ""]
+    lines += table(ClientParams, "client.", skip=("behaviour",))
+    lines += [""] + _variants("behaviour", "behaviour", CLIENTS, "client.", common_client)
+    lines += ["### `[strategy]`", "", "Common to every strategy:", ""]
     lines += table(StrategyParams, "strategy.", skip=("name",))
     lines += [""] + _variants("strategy", "name", STRATEGIES, "strategy.", common_strategy)
     lines += ["### `[simulation]`", ""] + table(SimulationSection, "simulation.")
     lines += ["", "### `[simulation.client_resources]`", ""]
     lines += table(ClientResources, "simulation.client_resources.")
     lines += ["", "### `[churn.availability]`", ""]
-    lines += _variants(
-        "availability", "kind", _config_registry(AvailabilitySpec), "churn.availability.", ()
-    )
+    lines += _variants("availability", "kind", AVAILABILITY, "churn.availability.", ())
     lines += ["### `[churn.dropout]`", ""] + table(DropoutSection, "churn.dropout.")
     lines += ["", "### `[churn.membership]`", ""] + table(MembershipSection, "churn.membership.")
     lines += [
@@ -152,7 +166,7 @@ def render() -> str:
         '`{ kind = "lognormal", median = 50.0, sigma = 0.7 }`:',
         "",
     ]
-    lines += _variants("distribution", "kind", _config_registry(DistSpec), "system.speed.", ())
+    lines += _variants("distribution", "kind", DISTRIBUTIONS, "system.speed.", ())
     lines += ["### `[system.stragglers]`", ""] + table(StragglerSection, "system.stragglers.")
     lines += ["", "### `[coordinator]`", ""] + table(CoordinatorSection, "coordinator.")
     lines += ["", "### `[privacy]`", ""]
@@ -162,19 +176,6 @@ def render() -> str:
         END,
     ]
     return "\n".join(lines)
-
-
-def _config_registry(spec: Any) -> Any:
-    """A registry of the variants of a discriminated scenario table."""
-    from typing import get_args
-
-    from fedsim.registry import Registry
-
-    reg: Registry[Any] = Registry("variant")
-    union = get_args(spec)[0]
-    for cls in get_args(union):
-        reg.add(cls.model_fields["kind"].default, cls)
-    return reg
 
 
 if __name__ == "__main__":

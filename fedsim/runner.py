@@ -15,6 +15,7 @@ from fedsim.data import load_federation, partition_summary
 from fedsim.errors import ScenarioError
 from fedsim.models import build_model, count_parameters
 from fedsim.plots import plot_curves, plot_label_heatmap, plot_online, plot_participation
+from fedsim.plugins import is_file
 from fedsim.progress import Progress
 from fedsim.results import (
     MODEL_FILE,
@@ -45,6 +46,13 @@ def resolve_paths(scn: Scenario) -> Scenario:
             return section
         return section.model_copy(update={key: str(Path(path).expanduser().resolve())})
 
+    run = scn.run.model_copy(
+        update={
+            "plugins": [
+                str(Path(p).expanduser().resolve()) if is_file(p) else p for p in scn.run.plugins
+            ]
+        }
+    )
     ch = scn.churn
     churn = ch.model_copy(
         update={
@@ -54,6 +62,7 @@ def resolve_paths(scn: Scenario) -> Scenario:
     )
     return scn.model_copy(
         update={
+            "run": run,
             "data": absolute(scn.data, "path"),
             "churn": churn,
             "system": absolute(scn.system, "profiles"),
@@ -61,26 +70,42 @@ def resolve_paths(scn: Scenario) -> Scenario:
     )
 
 
-def prepare(scn: Scenario) -> tuple[Federation, int]:
-    """Load the data and build the model once: catches what only real data reveals.
+@dataclass
+class Prepared:
+    """What a scenario needs before any round runs, each built once per run."""
 
-    Returns the federation and the model's parameter count. Raises ScenarioError.
+    federation: Federation
+    world: World
+    model_parameters: int
+
+
+def prepare(scn: Scenario) -> Prepared:
+    """Load the data, build the simulated world and the model once: catches what only
+    real data and files reveal. Raises ScenarioError.
     """
     fed = load_federation(scn.data, seed=scn.run.seed)
+    sizes = fed.train_sizes()
     # Reads trace and profile files: a bad one is a ScenarioError before anything runs.
-    World(scn, train_sizes=lambda cids: np.ones(len(cids)))
+    world = World(
+        scn.churn,
+        scn.system,
+        scn.client,
+        num_clients=scn.num_clients,
+        seed=scn.run.seed,
+        train_sizes=lambda cids: sizes[cids],
+    )
     try:
         model = build_model(
             scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
         )
     except ValueError as exc:
         raise ScenarioError([("model.name", str(exc))]) from None
-    empty = np.flatnonzero(fed.train_sizes() == 0)
+    empty = np.flatnonzero(sizes == 0)
     if empty.size:
         raise ScenarioError(
             [("data.partition", f"{empty.size} client(s) get no training data (e.g. {empty[0]})")]
         )
-    return fed, count_parameters(model)
+    return Prepared(fed, world, count_parameters(model))
 
 
 def _final(records: list[dict[str, Any]], key: str) -> float | None:
@@ -125,15 +150,14 @@ def execute(
     scn = resolve_paths(scn)
     out = out if out is not None else default_out_dir(scn.run.name)
     check_out_dir(out)
-    fed, n_params = prepare(scn)
+    prep = prepare(scn)
     with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
-        return _execute(scn, fed, n_params, engine, RunDir(out), progress, t_start)
+        return _execute(scn, prep, engine, RunDir(out), progress, t_start)
 
 
 def _execute(
     scn: Scenario,
-    fed: Federation,
-    n_params: int,
+    prep: Prepared,
     engine: Any,
     run_dir: RunDir,
     progress: Progress | None,
@@ -143,7 +167,7 @@ def _execute(
     try:
         toml_text = scn.to_toml()
         run_dir.write_text("scenario.toml", toml_text)
-        parts = partition_summary(fed)
+        parts = partition_summary(prep.federation)
         run_dir.write_json("partitions.json", parts)
         plot_label_heatmap(parts, run_dir.path("label_heatmap.png"))
 
@@ -155,7 +179,7 @@ def _execute(
             progress,
             ParticipationLog(run_dir.path(PARTICIPATION_FILE), scn.num_clients) as plog,
         ):
-            result = engine.run(fed, on_round, plog.add_round)
+            result = engine.run(prep.federation, prep.world, on_round, plog.add_round)
         records = result.coordinator.rounds
         arrays = {k: v.numpy() for k, v in result.coordinator.arrays.items()}
         run_dir.write_model(arrays)
@@ -180,7 +204,7 @@ def _execute(
             "initial_eval_accuracy": init.get("eval_accuracy"),
             "initial_eval_loss": init.get("eval_loss"),
             "num_clients": scn.num_clients,
-            "model_parameters": n_params,
+            "model_parameters": prep.model_parameters,
             "model_sha256": hashlib.sha256(run_dir.path(MODEL_FILE).read_bytes()).hexdigest(),
             "scenario_sha256": hashlib.sha256(toml_text.encode()).hexdigest(),
             "wall_s": time.perf_counter() - t_start,

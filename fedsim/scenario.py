@@ -9,32 +9,27 @@ errors; every error names its key path.
 
 from __future__ import annotations
 
+import json
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import tomli_w
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.fields import FieldInfo
 
-from clients.config import ClientSection
-from fedsim.data import DataSpec, DigitsData
+import fedsim.world.availability  # noqa: F401  (registers the built-in availability models)
+from fedsim.client_params import CLIENTS, ClientParams
+from fedsim.data import DATASETS
 from fedsim.errors import ScenarioError
-from fedsim.models import MlpModel, ModelSpec
+from fedsim.models import MODELS, ModelSpec
+from fedsim.plugins import load_builtins, load_plugins
+from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
+from fedsim.strategy_params import STRATEGIES, StrategyParams
 from fedsim.world.config import ChurnSection, CoordinatorSection, SystemSection
-from strategies import StrategySpec
-
-# Which key selects the variant of a registry-backed table, and its default value.
-_DISCRIMINATORS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("data",): ("dataset", "digits"),
-    ("data", "partition"): ("kind", "iid"),
-    ("model",): ("name", "mlp"),
-    ("strategy",): ("name", "fedavg"),
-    ("churn", "availability"): ("kind", "always"),
-    ("system", "speed"): ("kind", "fixed"),
-    ("system", "download"): ("kind", "fixed"),
-    ("system", "upload"): ("kind", "fixed"),
-}
 
 
 class RunSection(Section):
@@ -50,6 +45,13 @@ class RunSection(Section):
         description="Root seed: partitioning, sampling, initialisation and batching derive from it.",
     )
     rounds: int = Field(10, ge=1, description="Number of federated rounds.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Plug-ins whose registrations (strategies, models, datasets, partitioners, "
+        "client behaviours, availability models) this scenario can name: module names, or "
+        ".py files relative to the working directory. Imported before the rest of the "
+        "scenario is validated, in the driver and in every worker.",
+    )
     target_accuracy: float | None = Field(
         None,
         gt=0,
@@ -93,12 +95,22 @@ class PrivacySection(Section):
     """Reserved for privacy (DP-SGD, secure aggregation): off in this release."""
 
 
+def _default(registry: Registry[Any]) -> Any:
+    """The registry's default entry with its defaults (built-ins loaded first)."""
+    load_builtins()
+    return registry.default_params()
+
+
 class Scenario(Section):
     run: RunSection = Field(default_factory=RunSection)
-    data: DataSpec = Field(default_factory=DigitsData)
-    model: ModelSpec = Field(default_factory=MlpModel)
-    client: ClientSection = Field(default_factory=ClientSection)
-    strategy: StrategySpec = Field(default_factory=lambda: _default_strategy())
+    data: Annotated[Section, Variants(DATASETS)] = Field(default_factory=lambda: _default(DATASETS))
+    model: ModelSpec = Field(default_factory=lambda: _default(MODELS))
+    client: Annotated[ClientParams, Variants(CLIENTS)] = Field(
+        default_factory=lambda: _default(CLIENTS)
+    )
+    strategy: Annotated[StrategyParams, Variants(STRATEGIES)] = Field(
+        default_factory=lambda: _default(STRATEGIES)
+    )
     simulation: SimulationSection = Field(default_factory=SimulationSection)
     churn: ChurnSection = Field(default_factory=ChurnSection)
     system: SystemSection = Field(default_factory=SystemSection)
@@ -126,10 +138,65 @@ class Scenario(Section):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
-def _default_strategy() -> Any:
-    from strategies import STRATEGIES
+# ------------------------------------------------------- tables generated from registries
 
-    return STRATEGIES.get("fedavg")(name="fedavg")
+
+def _registry(info: FieldInfo) -> Registry[Any] | None:
+    """The registry whose entries a field's table validates into, if it is one."""
+    return next((m.registry for m in info.metadata if isinstance(m, Variants)), None)
+
+
+def _nested(ann: Any) -> Iterator[type[BaseModel]]:
+    """The model classes an annotation can hold (through unions, lists, Annotated)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        yield ann
+    elif get_origin(ann) in (Annotated, Union, UnionType, list, dict, tuple):
+        for a in get_args(ann):
+            yield from _nested(a)
+
+
+def _children(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    for info in model.model_fields.values():
+        reg = _registry(info)
+        if reg is not None:
+            yield from (reg.params(n) for n in reg.names())
+        else:
+            yield from _nested(info.annotation)
+
+
+def _post_order(model: type[BaseModel], seen: set[type], out: list[type[BaseModel]]) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for child in _children(model):
+        _post_order(child, seen, out)
+    out.append(model)
+
+
+_built_generation = -1
+
+
+def refresh_schema() -> None:
+    """Rebuild the scenario's models once registrations have changed (built-ins loaded
+    for the first time, a plug-in imported), children before the tables holding them."""
+    global _built_generation
+    load_builtins()
+    if _built_generation == Registry.generation:
+        return
+    models: list[type[BaseModel]] = []
+    _post_order(Scenario, set(), models)
+    for m in models:
+        m.model_rebuild(force=True)
+    _built_generation = Registry.generation
+
+
+def _registries() -> Iterator[Registry[Any]]:
+    models: list[type[BaseModel]] = []
+    _post_order(Scenario, set(), models)
+    for m in models:
+        for info in m.model_fields.values():
+            if (reg := _registry(info)) is not None:
+                yield reg
 
 
 # --------------------------------------------------------------------------- loading
@@ -172,16 +239,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ScenarioError([(where, f"is not a table, cannot set {'.'.join(parts)}")])
             cur = nxt
         table = tuple(parts[:-1])
-        if (
-            table in _DISCRIMINATORS
-            and parts[-1] == _DISCRIMINATORS[table][0]
-            and cur.get(parts[-1], value) != value
-        ):
+        reg = _table_registry(table, raw)
+        if reg is not None and parts[-1] == reg.key and cur.get(parts[-1], value) != value:
             switched[table] = value
         cur[parts[-1]] = value
         set_keys.add(tuple(parts))
+    if switched:  # the new variant may come from a plug-in
+        _load_plugins_of(raw)
     for table, value in switched.items():
-        fields = _variant_fields(table, value)
+        fields = _variant_fields(table, value, raw)
         cur = raw
         for p in table:
             cur = cur[p]
@@ -191,45 +257,62 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _variant_fields(table: tuple[str, ...], value: Any) -> set[str] | None:
-    """The keys the variant ``value`` of a discriminated table accepts (None: unknown)."""
-    models: list[Any] = [Scenario]
-    for p in table:
-        anns = [m.model_fields[p].annotation for m in models if p in m.model_fields]
-        models = [
-            a for ann in anns for a in (get_args(ann) or (ann,)) if hasattr(a, "model_fields")
-        ]
-    key = _DISCRIMINATORS[table][0]
-    for m in models:
-        f = m.model_fields.get(key)
-        if f is not None and f.default == value:
-            return set(m.model_fields)
+def _table_registry(path: tuple[str, ...], raw: dict[str, Any]) -> Registry[Any] | None:
+    """The registry a table at ``path`` validates into (None: not a variant table),
+    following the variants ``raw`` selects on the way down."""
+    model: type[BaseModel] | None = Scenario
+    cur: Any = raw
+    for i, p in enumerate(path):
+        info = model.model_fields.get(p) if model is not None else None
+        if info is None:
+            return None
+        reg = _registry(info)
+        if i == len(path) - 1:
+            return reg
+        cur = cur.get(p) if isinstance(cur, dict) else None
+        if reg is not None:
+            tag = cur.get(reg.key, reg.default) if isinstance(cur, dict) else reg.default
+            model = reg.params(tag) if tag in reg else None
+        else:
+            nested = list(_nested(info.annotation))
+            model = nested[0] if len(nested) == 1 else None
     return None
 
 
-def _fill_discriminators(raw: dict[str, Any]) -> None:
-    """Default the selector keys (``strategy.name`` etc.) so a table may omit them."""
-    for path, (key, default) in _DISCRIMINATORS.items():
-        cur: Any = raw
-        for p in path:
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        if isinstance(cur, dict) and key not in cur:
-            # data.partition only exists for datasets that take a partitioner.
-            if (
-                path == ("data", "partition")
-                and raw["data"].get("dataset", "digits") == "synthetic"
-            ):
-                continue
-            cur[key] = default
+def _variant_fields(table: tuple[str, ...], value: Any, raw: dict[str, Any]) -> set[str] | None:
+    """The keys the variant ``value`` of a discriminated table accepts (None: unknown)."""
+    reg = _table_registry(table, raw)
+    if reg is None or not isinstance(value, str) or value not in reg:
+        return None
+    return set(reg.params(value).model_fields)
 
 
-_TAG_KEYS = {key for key, _ in _DISCRIMINATORS.values()}
+def _fill_discriminators(raw: dict[str, Any], model: type[BaseModel] | None = None) -> None:
+    """Default the selector keys (``strategy.name`` etc.) so a table may omit them, in
+    every variant table the scenario has (a table the chosen variant lacks, such as
+    ``data.partition`` for ``synthetic``, is left for validation to refuse)."""
+    for name, info in (model or Scenario).model_fields.items():
+        sub = raw.get(name)
+        if not isinstance(sub, dict):
+            continue
+        reg = _registry(info)
+        if reg is not None:
+            if reg.default is not None:
+                sub.setdefault(reg.key, reg.default)
+            tag = sub.get(reg.key)
+            if isinstance(tag, str) and tag in reg:
+                _fill_discriminators(sub, reg.params(tag))
+        else:
+            nested = list(_nested(info.annotation))
+            if len(nested) == 1:
+                _fill_discriminators(sub, nested[0])
 
 
 def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
     """Turn a pydantic error location into a scenario key path, dropping union tags."""
     parts: list[str] = []
     cur = raw
+    tag_keys = {reg.key for reg in _registries()}
     for el in loc:
         if isinstance(cur, dict) and el in cur:
             parts.append(str(el))
@@ -237,7 +320,7 @@ def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
         elif isinstance(cur, list) and isinstance(el, int) and 0 <= el < len(cur):
             parts[-1] = f"{parts[-1]}[{el}]" if parts else f"[{el}]"
             cur = cur[el]
-        elif isinstance(cur, dict) and any(cur.get(k) == el for k in _TAG_KEYS):
+        elif isinstance(cur, dict) and any(cur.get(k) == el for k in tag_keys):
             continue  # the discriminated-union tag pydantic inserts
         else:
             parts.append(str(el))
@@ -363,7 +446,18 @@ def _check_world(scn: Scenario) -> list[tuple[str, str]]:
     return problems
 
 
+def _load_plugins_of(raw: dict[str, Any]) -> None:
+    """Import the plug-ins ``run.plugins`` names (a malformed list is left to validation)
+    and bring the schema up to date with their registrations."""
+    run = raw.get("run")
+    plugins = run.get("plugins") if isinstance(run, dict) else None
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        load_plugins(plugins)
+    refresh_schema()
+
+
 def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
+    _load_plugins_of(raw)
     _fill_discriminators(raw)
     try:
         scn = Scenario.model_validate(raw)
@@ -373,6 +467,14 @@ def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
     if problems:
         raise ScenarioError(problems)
     return scn
+
+
+def scenario_from_json(spec_json: str) -> Scenario:
+    """A resolved scenario as sent to workers (``Scenario.model_dump_json()``): its
+    plug-ins are imported in this process first."""
+    raw = json.loads(spec_json)
+    _load_plugins_of(raw)
+    return Scenario.model_validate(raw)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -402,6 +504,7 @@ def default_scenario_path() -> Path:
 
 
 def json_schema() -> dict[str, Any]:
+    refresh_schema()
     schema = Scenario.model_json_schema()
     schema["title"] = "fedsim scenario"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

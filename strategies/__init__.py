@@ -1,7 +1,7 @@
 """Aggregation strategies: registry name -> Flower strategy, configured from ``[strategy]``.
 
 ``STRATEGIES.get(name)`` returns the parameter class registered under ``name``;
-``StrategySpec`` is the discriminated union (on ``name``) a scenario's ``[strategy]``
+``StrategySpec`` is the union (on ``name``, generated from the registry) a scenario's ``[strategy]``
 table validates into; ``params.build(client_lr=...)`` returns the Flower strategy and
 ``params.check(cohort_size=...)`` lists impossible settings for a cohort size.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from fedsim.registry import Variants
 
 from .adaptive import FedAdagradParams, FedAdamParams, FedYogiParams
 from .averaging import FedAvgMParams, FedAvgParams, FedProxParams, QFedAvgParams
@@ -23,21 +23,8 @@ from .robust import (
     MultiKrumParams,
 )
 
-StrategySpec = Annotated[
-    FedAvgParams
-    | FedAvgMParams
-    | FedProxParams
-    | FedAdamParams
-    | FedYogiParams
-    | FedAdagradParams
-    | FedMedianParams
-    | FedTrimmedAvgParams
-    | KrumParams
-    | MultiKrumParams
-    | BulyanParams
-    | QFedAvgParams,
-    Field(discriminator="name"),
-]
+# The [strategy] table: a union of every registered strategy, built from the registry.
+StrategySpec = Annotated[StrategyParams, Variants(STRATEGIES)]
 
 __all__ = [
     "SAMPLE_ALL_SHOWN_NODES",

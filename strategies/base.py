@@ -16,15 +16,10 @@ never trigger, so it returns exactly one message per shown node.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
-from flwr.serverapp.strategy import Strategy
-from pydantic import Field
-
-from fedsim.registry import Registry
-from fedsim.sections import Section
+from fedsim.strategy_params import STRATEGIES, StrategyParams
 
 # Keyword arguments given to every Flower strategy constructor: take every node shown.
 SAMPLE_ALL_SHOWN_NODES: MappingProxyType[str, Any] = MappingProxyType(
@@ -38,57 +33,4 @@ SAMPLE_ALL_SHOWN_NODES: MappingProxyType[str, Any] = MappingProxyType(
 )
 
 
-class StrategyParams(Section):
-    """Parameters common to every strategy; subclasses add the algorithm's own."""
-
-    # Whether the aggregate depends on the client replies only through their
-    # "num-examples"-weighted mean (possibly followed by a server-side optimiser step
-    # that uses nothing else from the replies). Such strategies can aggregate a stream
-    # of replies with a running weighted sum. False for order-statistic / selection
-    # rules (median, trimmed mean, Krum family) and for q-FedAvg.
-    weighted_mean: ClassVar[bool]
-
-    name: str = Field(description="Registered name of the aggregation strategy.")
-    clients_per_round: int | None = Field(
-        None,
-        ge=1,
-        description="Clients sampled for training each round; omit to use every client.",
-    )
-    evaluate_clients_per_round: int | None = Field(
-        None,
-        ge=0,
-        description=(
-            "Clients sampled for federated (client-side) evaluation each round; omit to "
-            "use clients_per_round; 0 turns federated evaluation off."
-        ),
-    )
-    evaluate_trained_clients: bool = Field(
-        False,
-        description=(
-            "Evaluate on exactly the clients that trained this round (after training), "
-            "instead of sampling evaluate_clients_per_round clients."
-        ),
-    )
-    centralized_evaluation: bool = Field(
-        True,
-        description="Evaluate the global model on the server's test split every round.",
-    )
-
-    @abstractmethod
-    def build(self, *, client_lr: float) -> Strategy:
-        """Return a fresh Flower strategy configured with these parameters.
-
-        ``client_lr`` is the clients' local learning rate, for strategies whose server
-        step needs it (q-FedAvg's Lipschitz estimate ``L = 1 / lr``).
-        """
-
-    def check(self, *, cohort_size: int) -> list[tuple[str, str]]:
-        """Problems with these parameters when ``cohort_size`` clients reply per round.
-
-        Returns ``(key path, message)`` pairs, e.g.
-        ``("strategy.num_malicious_nodes", "...")``; an empty list means no problem.
-        """
-        return []
-
-
-STRATEGIES: Registry[type[StrategyParams]] = Registry("strategy")
+__all__ = ["SAMPLE_ALL_SHOWN_NODES", "STRATEGIES", "StrategyParams"]

@@ -126,7 +126,7 @@ def test_unknown_model_name_lists_known() -> None:
     with pytest.raises(ValueError, match="known: cnn, logreg, mlp"):
         build_model("resnet", input_shape=(4,), num_classes=2)
     # The scenario schema rejects it too, naming the expected tags.
-    with pytest.raises(pydantic.ValidationError, match="'logreg', 'mlp', 'cnn'"):
+    with pytest.raises(pydantic.ValidationError, match="'cnn', 'logreg', 'mlp'"):
         SPEC.validate_python({"name": "resnet"})
 
 

@@ -20,7 +20,7 @@ from fedsim.registry import Registry
 from fedsim.rng import np_rng
 from fedsim.sections import Section
 
-DATASETS: Registry[type[Section]] = Registry("dataset")
+DATASETS: Registry[type[Section]] = Registry("dataset", key="dataset", default="digits")
 
 
 class PartitionedData(Section):

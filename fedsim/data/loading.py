@@ -7,17 +7,18 @@ from collections import OrderedDict
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import Field
 
-from fedsim.data.digits import DigitsData
-from fedsim.data.federation import Federation
-from fedsim.data.generated import GeneratedData, GeneratedFederation
-from fedsim.data.mnist import MnistData
-from fedsim.data.synthetic import SyntheticData
+import fedsim.data.digits
+import fedsim.data.mnist
+import fedsim.data.synthetic  # noqa: F401  (registers the built-in datasets)
+from fedsim.data.federation import DATASETS, Federation
+from fedsim.data.generated import GeneratedFederation
+from fedsim.registry import Variants
+from fedsim.sections import Section
 
-DataSpec = Annotated[
-    SyntheticData | DigitsData | MnistData | GeneratedData, Field(discriminator="dataset")
-]
+# The [data] table: a union of every registered dataset, built from the registry. The
+# imports above register the built-in ones.
+DataSpec = Annotated[Section, Variants(DATASETS)]
 AnyFederation = Federation | GeneratedFederation
 
 #: partitions.json lists every client up to this many, else an even sample of them.

@@ -31,10 +31,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field
 
-from fedsim.registry import Registry
+from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 
-PARTITIONERS: Registry[type[Section]] = Registry("partitioner")
+PARTITIONERS: Registry[type[Section]] = Registry("partitioner", key="kind", default="iid")
 
 #: Flower Datasets gives up after this many Dirichlet draws.
 FLOWER_MAX_TRIES = 10
@@ -387,7 +387,5 @@ class QuantityPartition(Section):
         return quantity_partition(len(labels), num_clients=num_clients, sigma=self.sigma, rng=rng)
 
 
-PartitionSpec = Annotated[
-    IidPartition | DirichletPartition | ShardsPartition | QuantityPartition,
-    Field(discriminator="kind"),
-]
+# The [data.partition] table: a union of every registered partitioner.
+PartitionSpec = Annotated[Section, Variants(PARTITIONERS)]

@@ -3,7 +3,9 @@
 It owns the policies a strategy should not have to know about: which clients take part
 (sampled with fedsim's own seeded generator, not the global ``random`` that Flower's
 ``sample_nodes`` reads), the order replies are aggregated in (by client id, so worker
-timing never changes a result), failed replies, and the per-round record.
+timing never changes a result), failed replies, and the per-round record. What a round
+exchanges with the clients is its protocol's (``fedsim.engine.protocol``); when each
+stage runs, overlapping a round's last stages with the next round, is decided here.
 """
 
 from __future__ import annotations
@@ -20,22 +22,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.engine.fold import Block, fold_weighted_mean, num_examples
+from fedsim.client_params import DROPOUT_KEY, MAX_STEPS_KEY
+from fedsim.engine.fold import Block
 from fedsim.engine.messaging import (
     ClientDirectory,
+    PhasedGrid,
     SubsetGrid,
     exchange,
     pinned_global_random,
 )
-from fedsim.engine.policy import (
-    AGGREGATED,
-    DROPPED,
-    LATE,
-    REPLIED,
-    RoundPlan,
-    plan_round,
-    select_count,
-)
+from fedsim.engine.policy import DROPPED, RoundPlan, plan_round
+from fedsim.engine.protocol import FedAvgProtocol, Round, RoundProtocol, RoundRecord, Stage
 from fedsim.rng import int_seed, np_rng
 from fedsim.world.config import CoordinatorSection
 
@@ -46,7 +43,6 @@ log = logging.getLogger("fedsim")
 
 RoundHook = Callable[[dict[str, Any]], None]
 ParticipationHook = Callable[[int, "np.ndarray | None", dict[int, str]], None]
-MAX_STEPS_KEY = "max-steps"  # config key: a straggler's partial local work
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
@@ -73,12 +69,6 @@ class CoordinatorResult:
     initial_eval: dict[str, float] | None = None
 
 
-def _get(metrics: MetricRecord | None, key: str) -> float | None:
-    if metrics is None or key not in metrics:
-        return None
-    return float(metrics[key])  # type: ignore[arg-type]
-
-
 class Coordinator:
     """Runs ``rounds`` rounds of ``strategy`` over a grid, with seeded sampling."""
 
@@ -102,6 +92,7 @@ class Coordinator:
         policy: CoordinatorSection | None = None,
         on_participation: ParticipationHook | None = None,
         lookahead: bool = False,
+        protocol: RoundProtocol | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -127,6 +118,7 @@ class Coordinator:
         # aggregate_train(r + 1) before aggregate_evaluate(r): safe for strategies whose
         # training does not depend on their evaluation (all of Flower's own).
         self.lookahead = lookahead
+        self.protocol = protocol or FedAvgProtocol()
         self.clock = 0.0  # virtual seconds since the run began
 
     def sample(
@@ -141,7 +133,8 @@ class Coordinator:
         rng = np_rng(self.seed, f"sample-online-{phase}", server_round)
         return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
 
-    def _wait_for_clients(self, server_round: int) -> tuple[np.ndarray | None, int]:
+    # -- services the stages use ---------------------------------------------------
+    def wait_for_clients(self, server_round: int) -> tuple[np.ndarray | None, int]:
         """Advance the clock until ``min_replies`` clients are online (or give up)."""
         if self.world is None:
             return None, self.num_clients
@@ -162,9 +155,11 @@ class Coordinator:
             waited += step
             self.clock += step
 
-    def _plan(self, server_round: int, cids: list[int], arrays: ArrayRecord) -> RoundPlan:
+    def plan(self, server_round: int, cids: list[int], arrays: ArrayRecord) -> RoundPlan | None:
+        """Who of ``cids`` will reply when, drop out or straggle (None: no world)."""
         world, p = self.world, self.policy
-        assert world is not None
+        if world is None:
+            return None
         ids = np.asarray(cids, dtype=np.int64)
         if self._model_bytes is None:
             self._model_bytes = sum(len(a.data) for a in arrays.values())
@@ -182,24 +177,36 @@ class Coordinator:
             min_round_s=p.min_round_s,
         )
 
-    def _send(
+    @staticmethod
+    def plan_config(plan: RoundPlan, run_cids: list[int]) -> dict[int, dict[str, Any]]:
+        """What the plan tells clients in their config: partial work, and dropping out
+        (decided here, once; the ClientApp raises on it)."""
+        extra: dict[int, dict[str, Any]] = {
+            c: {MAX_STEPS_KEY: s} for c, s in plan.max_steps.items()
+        }
+        for c in run_cids:
+            if plan.status[c] == DROPPED:
+                extra.setdefault(c, {})[DROPOUT_KEY] = True
+        return extra
+
+    def send(
         self,
-        grid: Grid,
-        directory: ClientDirectory,
         server_round: int,
         phase: str,
         cids: list[int],
         arrays: ArrayRecord,
+        *,
         fold: bool = False,
-        max_steps: dict[int, int] | None = None,
+        extra_config: dict[int, dict[str, Any]] | None = None,
         expected_failures: int = 0,
-    ) -> _Sent:
+    ) -> Sent:
         """Let the strategy configure ``phase`` for exactly ``cids``, then send.
 
-        ``max_steps`` caps a client's local optimizer steps (partial work of a straggler).
-        fedsim's grid starts the phase at once (``submit_phase``); other grids get the
-        messages when ``_receive`` exchanges them.
+        ``extra_config`` adds keys to some clients' config (the plan's partial work of a
+        straggler, or its dropout). A ``PhasedGrid`` starts the phase at once; other
+        grids get the messages when ``receive`` exchanges them.
         """
+        grid, directory = self._grid, self._directory
         if phase == "train":
             configure, key = self.strategy.configure_train, 0
         else:
@@ -207,34 +214,31 @@ class Coordinator:
         view = SubsetGrid(grid, [directory.node_of(c) for c in cids])
         with pinned_global_random(int_seed(self.seed, "strategy-random", server_round, key)):
             msgs = list(configure(server_round, arrays, ConfigRecord(), view))
-        if max_steps:
+        if extra_config:
             for m in msgs:
                 cid = directory.client_of(m.metadata.dst_node_id)
-                if cid in max_steps:
-                    m.content = _with_config(m.content, {MAX_STEPS_KEY: max_steps[cid]})
+                if cid in extra_config:
+                    m.content = _with_config(m.content, extra_config[cid])
         msgs.sort(key=lambda m: directory.client_of(m.metadata.dst_node_id))
-        handle = grid.submit_phase(msgs, fold=fold) if hasattr(grid, "submit_phase") else None
-        return _Sent(phase, server_round, msgs, expected_failures, handle)
+        handle = grid.submit_phase(msgs, fold=fold) if isinstance(grid, PhasedGrid) else None
+        return Sent(phase, server_round, msgs, expected_failures, handle)
 
-    def _receive(
-        self, grid: Grid, sent: _Sent
-    ) -> tuple[list[Message | None], int, int, list[Message], list[Block] | None]:
+    def receive(self, sent: Sent) -> Replies:
         """The replies to a sent phase in cohort order (by client id; None if missing).
 
-        When the phase was sent with ``fold`` to fedsim's grid, the replies carry metrics
-        only and the partial sums of their arrays come back as blocks.
+        When the phase was sent with ``fold`` to a ``PhasedGrid``, the replies carry
+        metrics only and the partial sums of their arrays come back as blocks.
         """
         msgs, phase, server_round = sent.msgs, sent.phase, sent.server_round
         blocks = None
         if sent.handle is not None:
-            replies, blocks = grid.collect_phase(sent.handle, timeout=self.reply_timeout_s)  # type: ignore[attr-defined]
+            replies, blocks = self._grid.collect_phase(sent.handle, timeout=self.reply_timeout_s)  # type: ignore[attr-defined]
         else:
-            replies = exchange(grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
+            replies = exchange(self._grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
         by_id = {r.metadata.reply_to_message_id: r for r in replies}
         ordered = [by_id.get(m.metadata.message_id) for m in msgs]
         errors = [r for r in replies if r.has_error()]
         ok = len(replies) - len(errors)
-        failed = len(msgs) - ok
         if msgs and ok == 0 and len(msgs) > sent.expected_failures:
             reason = errors[0].error.reason if errors else "no replies before the timeout"
             raise AllClientsFailed(
@@ -248,191 +252,108 @@ class Coordinator:
                 len(errors),
                 errors[0].error.reason.strip().splitlines()[-1:],
             )
-        return ordered, ok, failed, msgs, blocks
+        cids = [self._directory.client_of(m.metadata.dst_node_id) for m in msgs]
+        return Replies(cids, msgs, ordered, ok, blocks, sent.expected_failures)
 
-    def _start_round(
-        self, grid: Grid, directory: ClientDirectory, rnd: int, arrays: ArrayRecord
-    ) -> _RoundStart:
-        """Wait for clients, sample and plan round ``rnd``, and send its training."""
-        online, n_online = self._wait_for_clients(rnd)
-        k = select_count(self.train_cohort, self.policy.over_commit, n_online)
-        cids = self.sample(rnd, "train", k, online)
-        plan = self._plan(rnd, cids, arrays) if self.world is not None else None
-        run_cids = cids if plan is None else ([] if plan.skipped else plan.to_run)
-        dropouts = 0 if plan is None else sum(plan.status[c] == DROPPED for c in run_cids)
-        train = None
-        if run_cids:
-            train = self._send(
-                grid,
-                directory,
-                rnd,
-                "train",
-                run_cids,
-                arrays,
-                fold=self.fold_train,
-                max_steps=None if plan is None else plan.max_steps,
-                expected_failures=dropouts,
-            )
-        return _RoundStart(online, n_online, cids, plan, run_cids, dropouts, train)
-
+    # -- the run -------------------------------------------------------------------
     def run(self, grid: Grid) -> CoordinatorResult:
-        directory = ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
-        arrays = self.initial_arrays
-        result = CoordinatorResult(arrays=arrays)
-        self._model_bytes: int | None = None
-        if self.evaluate_fn is not None:
-            init = self.evaluate_fn(0, arrays)
-            if init is not None:
-                result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
-        ahead = self.lookahead and hasattr(grid, "submit_phase")
-        nxt: _RoundStart | Exception | None = None
-        open_round: _OpenRound | None = None  # trained, its evaluation still in flight
-        t_update = time.perf_counter()  # when the model last changed (round 0: the start)
-
+        """Every round's stages in order. With ``lookahead`` on a ``PhasedGrid``, round
+        r + 1 starts (its first stage is sent) as soon as round r's model is final, ahead
+        of round r's remaining stages, which are collected after round r + 1's model
+        stages: the workers run them while the coordinator aggregates."""
+        result = self._open(grid)
+        head, tail = self.protocol.split()
+        ahead = self.lookahead and isinstance(grid, PhasedGrid)
+        nxt: Round | Exception | None = None  # round r + 1, started early (or its error)
+        behind: Round | None = None  # round r - 1: its tail sent, not yet collected
         try:
-            for rnd in range(1, self.rounds + 1):
-                if nxt is None:
-                    start = self._start_round(grid, directory, rnd, arrays)
-                elif isinstance(nxt, Exception):
+            for r in range(1, self.rounds + 1):
+                if isinstance(nxt, Exception):
                     raise nxt
-                else:  # started during the previous round
-                    start = nxt
-                nxt = None
-                record: dict[str, Any] = {"round": rnd}
-                cids, plan, run_cids, dropouts = (
-                    start.cids,
-                    start.plan,
-                    start.run_cids,
-                    start.dropouts,
-                )
-
-                replies: list[Message] = []
-                ok = failed = 0
-                good: list[int] = []
-                if start.train is not None:
-                    ordered, ok, failed, sent, blocks = self._receive(grid, start.train)
-                    good = [
-                        c for c, r in zip(run_cids, ordered, strict=True) if r and not r.has_error()
-                    ]
-                    if self.fold_train:
-                        folded = fold_weighted_mean(
-                            ordered, with_arrays=True, reply_to=sent[0], blocks=blocks
-                        )
-                        replies = [folded] if folded is not None else []
-                    else:
-                        replies = [r for r in ordered if r is not None]
-                status = dict.fromkeys(cids, AGGREGATED) if plan is None else plan.status
-                for c in run_cids:  # a planned reply that failed for real is lost too
-                    if status[c] == AGGREGATED and c not in good:
-                        status[c] = DROPPED
-                n_agg = sum(1 for c in run_cids if status[c] == AGGREGATED)
-                skipped = n_agg < self.policy.min_replies
-                train_metrics = None
-                if skipped:
-                    log.warning(
-                        "round %d skipped: %d replies to aggregate, coordinator.min_replies = %d",
-                        rnd,
-                        n_agg,
-                        self.policy.min_replies,
-                    )
-                    for c in cids:
-                        if status[c] == AGGREGATED:
-                            status[c] = REPLIED
-                else:
-                    new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
-                    if new_arrays is not None:
-                        arrays = new_arrays
-                t_from, t_update = t_update, time.perf_counter()
-                if plan is not None:
-                    self.clock += plan.duration_s
-                record["train_loss"] = _get(train_metrics, "train_loss")
-                record["virtual_time_s"] = self.clock if self.world is not None else None
-                record["clients_online"] = start.n_online
-                record["clients_selected"] = len(cids)
-                record["clients_replied"] = ok
-                record["clients_failed"] = failed - dropouts if failed >= dropouts else failed
-                record["clients_dropped"] = sum(1 for v in status.values() if v == DROPPED)
-                record["clients_late"] = sum(1 for v in status.values() if v == LATE)
-                record["clients_aggregated"] = 0 if skipped else n_agg
-                record["round_skipped"] = skipped
-                if self.on_participation is not None:
-                    self.on_participation(rnd, start.online, status)
-
-                if ahead and rnd < self.rounds:
-                    # Queue the next round's training on the workers now, ahead of this
-                    # round's evaluation: a worker that finishes it runs this evaluation (and
-                    # the one before) while the coordinator aggregates, so no worker waits for
-                    # the coordinator between rounds. Nothing later in this round reads what
-                    # starting it changes.
-                    try:
-                        nxt = self._start_round(grid, directory, rnd + 1, arrays)
-                    except Exception as exc:  # raised when round rnd + 1 begins, as without
-                        nxt = exc
-                esent = None
-                if self.eval_cohort > 0:
-                    if self.evaluate_trained:
-                        ecids = [c for c in cids if status[c] == AGGREGATED]
-                    else:
-                        ecids = self.sample(
-                            rnd, "evaluate", min(self.eval_cohort, start.n_online), start.online
-                        )
-                    if ecids:
-                        esent = self._send(grid, directory, rnd, "evaluate", ecids, arrays)
-                if open_round is not None:
-                    done, open_round = open_round, None
-                    self._finish(grid, done, result)
-                open_round = _OpenRound(record, esent, arrays, t_from, t_update)
-                if not ahead or rnd == self.rounds:
-                    done, open_round = open_round, None
-                    self._finish(grid, done, result)
+                rnd, nxt = nxt or self._begin(r), None
+                for stage in head:
+                    self._finish_stage(stage, rnd)
+                rnd.t_update, self.arrays = self._t_update, rnd.arrays
+                if ahead and r < self.rounds:
+                    nxt = self._begin_or_error(r + 1)
+                for stage in tail:
+                    rnd.sent[stage.name] = stage.send(self, rnd)
+                if behind is not None:
+                    self._close(behind, tail, result)
+                behind = rnd
+                if not ahead or r == self.rounds:
+                    self._close(rnd, tail, result)
+                    behind = None
         except Exception:
-            # A round that trained before the error still gets its evaluation and its
+            # A round that trained before the error still gets its last stages and its
             # record, as it would have without the overlap.
-            if open_round is not None:
+            if behind is not None:
                 try:
-                    self._finish(grid, open_round, result)
+                    self._close(behind, tail, result)
                 except Exception as exc:  # the first error is the one to report
-                    log.warning(
-                        "round %d could not be recorded: %s", open_round.record["round"], exc
-                    )
+                    log.warning("round %d could not be recorded: %s", behind.number, exc)
             raise
-
-        result.arrays = arrays
+        result.arrays = self.arrays
         return result
 
-    def _finish(self, grid: Grid, done: _OpenRound, result: CoordinatorResult) -> None:
-        """Collect a round's evaluation, run the centralized one, and record the round.
+    def _open(self, grid: Grid) -> CoordinatorResult:
+        """Find the clients' nodes and evaluate the initial model."""
+        self._grid = grid
+        self._directory = (
+            grid.client_directory()
+            if isinstance(grid, PhasedGrid)
+            else ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
+        )
+        self._model_bytes: int | None = None
+        self.arrays = self.initial_arrays
+        self._t_update = time.perf_counter()  # when the model last changed
+        result = CoordinatorResult(arrays=self.arrays)
+        if self.evaluate_fn is not None:
+            init = self.evaluate_fn(0, self.arrays)
+            if init is not None:
+                result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
+        return result
+
+    def _begin(self, number: int) -> Round:
+        """A new round on the current model, its first stage sent."""
+        rnd = Round(number, self.arrays, RoundRecord(number), t_from=self._t_update)
+        first = self.protocol.stages[0]
+        rnd.sent[first.name] = first.send(self, rnd)
+        return rnd
+
+    def _begin_or_error(self, number: int) -> Round | Exception:
+        # Started early: an error is raised when the round would have begun.
+        try:
+            return self._begin(number)
+        except Exception as exc:
+            return exc
+
+    def _finish_stage(self, stage: Stage, rnd: Round) -> None:
+        if stage.name not in rnd.sent:
+            rnd.sent[stage.name] = stage.send(self, rnd)
+        stage.aggregate(self, rnd, stage.collect(self, rnd, rnd.sent[stage.name]))
+        if stage.updates_model:
+            self._t_update = time.perf_counter()
+
+    def _close(self, rnd: Round, tail: tuple[Stage, ...], result: CoordinatorResult) -> None:
+        """Collect a round's last stages and record it.
 
         A round's wall time runs from the previous round's model update to its own (the
         last round's: to its end), so the rounds' times add up to the run's whether or
-        not evaluations overlap the next round's training.
+        not its last stages overlap the next round.
         """
-        rnd, record = done.record["round"], done.record
-        client_eval: MetricRecord | None = None
-        if done.esent is not None:
-            eordered, _, _, emsgs, _ = self._receive(grid, done.esent)
-            # A client with an empty held-out split has nothing to report.
-            ereplies = [
-                r for r in eordered if r is not None and not r.has_error() and num_examples(r) > 0
-            ]
-            if ereplies:
-                # Every Flower strategy averages evaluation metrics by num-examples.
-                folded = fold_weighted_mean(ereplies, with_arrays=False, reply_to=emsgs[0])
-                client_eval = self.strategy.aggregate_evaluate(rnd, [folded])
-        record["client_eval_loss"] = _get(client_eval, "eval_loss")
-        record["client_eval_accuracy"] = _get(client_eval, "eval_accuracy")
-        central = self.evaluate_fn(rnd, done.arrays) if self.evaluate_fn is not None else None
-        record["eval_loss"] = _get(central, "eval_loss")
-        record["eval_accuracy"] = _get(central, "eval_accuracy")
-        end = time.perf_counter() if rnd == self.rounds else done.t_update
-        record["round_wall_s"] = end - done.t_from
+        for stage in tail:
+            stage.aggregate(self, rnd, stage.collect(self, rnd, rnd.sent[stage.name]))
+        end = time.perf_counter() if rnd.number == self.rounds else rnd.t_update
+        rnd.record.round_wall_s = end - rnd.t_from
+        record = rnd.record.as_dict()
         result.rounds.append(record)
         if self.on_round is not None:
             self.on_round(record)
 
 
 @dataclass
-class _Sent:
+class Sent:
     """A phase's instructions, sent (or, for grids that only exchange, about to be)."""
 
     phase: str
@@ -443,30 +364,26 @@ class _Sent:
 
 
 @dataclass
-class _OpenRound:
-    """A round trained and recorded so far, its evaluation sent and not yet collected."""
+class Replies:
+    """A phase's replies in cohort order (by client id)."""
 
-    record: dict[str, Any]
-    esent: _Sent | None
-    arrays: ArrayRecord  # the model the round ended with (for the centralized evaluation)
-    t_from: float  # perf_counter of the previous round's model update (or the run's start)
-    t_update: float  # and of this round's
+    cids: list[int]
+    msgs: list[Message]  # the instructions
+    ordered: list[Message | None]  # the reply to each (None: none came)
+    ok: int  # replies without an error
+    blocks: list[Block] | None  # partial sums, when the workers pre-folded the arrays
+    expected_failures: int  # planned dropouts among them
 
+    @property
+    def failed(self) -> int:
+        return len(self.msgs) - self.ok
 
-@dataclass
-class _RoundStart:
-    """A round up to its training phase in flight."""
-
-    online: np.ndarray | None
-    n_online: int
-    cids: list[int]  # selected
-    plan: RoundPlan | None
-    run_cids: list[int]  # sent a training task
-    dropouts: int  # planned to drop out
-    train: _Sent | None
+    @property
+    def ok_clients(self) -> list[int]:
+        return [c for c, r in zip(self.cids, self.ordered, strict=True) if r and not r.has_error()]
 
 
-def _with_config(content: RecordDict, extra: dict[str, int]) -> RecordDict:
+def _with_config(content: RecordDict, extra: dict[str, Any]) -> RecordDict:
     """A copy of ``content`` whose ConfigRecord also carries ``extra`` (arrays shared)."""
     out = RecordDict()
     done = False

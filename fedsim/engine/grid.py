@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.fold import Block
-from fedsim.engine.messaging import ClientDirectory
-from fedsim.engine.pool import Pending, WorkerPool, balance, split_ranges
+from fedsim.engine.messaging import ClientDirectory, PhasedGrid
+from fedsim.engine.pool import Pending, WorkerPool
+from fedsim.engine.schedule import balance, split_ranges
 
 NODE_ID_OFFSET = 1 << 16
 
@@ -35,7 +35,7 @@ class _OffsetDirectory(ClientDirectory):
         return node_id - NODE_ID_OFFSET
 
 
-class RayGrid(Grid):
+class RayGrid(PhasedGrid):
     def __init__(
         self,
         pool: WorkerPool,

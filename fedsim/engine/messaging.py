@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +34,7 @@ def exchange(
     fedsim's grid delivers synchronously (no polling). Other grids (Flower's runtime,
     a real SuperLink) are pulled in short steps so a ``stop`` request ends the wait.
     """
-    if hasattr(grid, "client_directory") or stop is None:
+    if isinstance(grid, PhasedGrid) or stop is None:
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -60,6 +61,24 @@ def pinned_global_random(seed: int) -> Iterator[None]:
         yield
     finally:
         random.setstate(state)
+
+
+class PhasedGrid(Grid):
+    """A grid that runs a whole phase per call (fedsim's own): it knows its client
+    directory, starts a phase at once and collects it later, so phases can queue."""
+
+    @abstractmethod
+    def client_directory(self) -> ClientDirectory: ...
+
+    @abstractmethod
+    def submit_phase(self, messages: Iterable[Message], *, fold: bool = False) -> Any:
+        """Send a phase's messages; return a handle for ``collect_phase`` at once."""
+
+    @abstractmethod
+    def collect_phase(
+        self, phase: Any, *, timeout: float | None = None
+    ) -> tuple[list[Message], Any]:
+        """The phase's replies (and its partial sums, when submitted with ``fold``)."""
 
 
 class SubsetGrid(Grid):
@@ -120,7 +139,7 @@ class ClientDirectory:
 
         fedsim's own grid knows the mapping and is asked directly instead.
         """
-        if hasattr(grid, "client_directory"):
+        if isinstance(grid, PhasedGrid):
             return grid.client_directory()
         deadline = time.monotonic() + timeout_s
         while len(nodes := list(grid.get_node_ids())) < num_clients:

@@ -19,9 +19,11 @@ from clients.app import build_client_app
 from fedsim.data import AnyFederation as Federation
 from fedsim.engine.coordinator import CoordinatorResult, ParticipationHook, RoundHook
 from fedsim.engine.grid import RayGrid
-from fedsim.engine.pool import WorkerPool, keep_freed_buffers
+from fedsim.engine.malloc import keep_freed_buffers
+from fedsim.engine.pool import WorkerPool
 from fedsim.engine.ray_runtime import check_fit, start_ray, stop_ray
 from fedsim.engine.server import ServerOutcome, build_server_app
+from fedsim.world import World
 
 if TYPE_CHECKING:
     from fedsim.scenario import Scenario
@@ -65,7 +67,7 @@ def frozen_heap() -> Iterator[None]:
 class Engine:
     """Ray started (or joined) and the resources checked, before any run directory exists.
 
-    ``with Engine(scn) as engine: engine.run(fed, on_round)``. Entering raises
+    ``with Engine(scn) as engine: engine.run(fed, world, on_round)``. Entering raises
     ScenarioError for an unreachable cluster or resources that do not fit; leaving stops
     the Ray instance it started.
     """
@@ -95,10 +97,12 @@ class Engine:
     def run(
         self,
         fed: Federation,
+        world: World,
         on_round: RoundHook | None = None,
         on_participation: ParticipationHook | None = None,
     ) -> EngineResult:
         self._on_participation = on_participation
+        self._world = world
         if self.scn.simulation.engine == "flower":
             return self._run_flower(fed, on_round)
         return self._run_fedsim(fed, on_round)
@@ -132,7 +136,7 @@ class Engine:
             )
             outcome = ServerOutcome()
             app = build_server_app(
-                scn, fed, outcome, on_round, on_participation=self._on_participation
+                scn, fed, self._world, outcome, on_round, on_participation=self._on_participation
             )
             context = Context(
                 run_id=1,
@@ -154,7 +158,13 @@ class Engine:
         stop = threading.Event()  # ends the ServerApp thread if the runtime fails
         outcome = ServerOutcome()
         server_app = build_server_app(
-            scn, fed, outcome, on_round, stop=stop, on_participation=self._on_participation
+            scn,
+            fed,
+            self._world,
+            outcome,
+            on_round,
+            stop=stop,
+            on_participation=self._on_participation,
         )
         client_app = build_client_app(scn.model_dump_json())
         res = scn.simulation.client_resources

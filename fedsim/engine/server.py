@@ -58,14 +58,10 @@ class ServerOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def build_world(scn: Scenario, fed: Federation) -> World:
-    sizes = fed.train_sizes()
-    return World(scn, train_sizes=lambda cids: sizes[cids])
-
-
 def build_coordinator(
     scn: Scenario,
     fed: Federation,
+    world: World,
     on_round: RoundHook | None,
     stop: threading.Event | None = None,
     on_participation: ParticipationHook | None = None,
@@ -84,7 +80,7 @@ def build_coordinator(
         stop=stop,
         evaluate_trained=s.evaluate_trained_clients,
         fold_train=type(s).weighted_mean,
-        world=build_world(scn, fed),
+        world=world,
         policy=scn.coordinator,
         on_participation=on_participation,
         # Every registered strategy is one of Flower's, whose configure_train does not
@@ -96,6 +92,7 @@ def build_coordinator(
 def build_server_app(
     scn: Scenario,
     fed: Federation,
+    world: World,
     outcome: ServerOutcome,
     on_round: RoundHook | None = None,
     *,
@@ -107,7 +104,9 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.result = build_coordinator(scn, fed, on_round, stop, on_participation).run(grid)
+            outcome.result = build_coordinator(
+                scn, fed, world, on_round, stop, on_participation
+            ).run(grid)
         except BaseException as exc:  # re-raised by the engine after the runtime stops
             outcome.error = exc
 

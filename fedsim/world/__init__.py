@@ -13,24 +13,37 @@ import numpy as np
 from fedsim.world.system import DropoutModel, SystemModel, Timing
 
 if TYPE_CHECKING:
-    from fedsim.scenario import Scenario
+    from fedsim.client_params import ClientParams
+    from fedsim.world.config import ChurnSection, SystemSection
 
 
 class World:
     """Availability x membership, device timing and dropouts of one scenario."""
 
-    def __init__(self, scn: Scenario, *, train_sizes: Callable[[np.ndarray], np.ndarray]) -> None:
+    def __init__(
+        self,
+        churn: ChurnSection,
+        system: SystemSection,
+        client: ClientParams,
+        *,
+        num_clients: int,
+        seed: int,
+        train_sizes: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        """The world of a scenario's ``[churn]``, ``[system]`` and ``[client]`` tables
+        (its virtual clock counts ``client.epochs`` and ``client.batch_size``). Built once
+        per run (``fedsim.runner.prepare``): building reads trace and profile files."""
         from fedsim.world.availability import build_availability, build_membership
 
-        n, seed = scn.num_clients, scn.run.seed
+        n = num_clients
         self.num_clients = n
-        self.availability = build_availability(scn.churn.availability, num_clients=n, seed=seed)
-        self.membership = build_membership(scn.churn.membership, num_clients=n, seed=seed)
-        self.system = SystemModel(scn.system, num_clients=n, seed=seed)
-        self.dropout = DropoutModel(scn.churn.dropout, num_clients=n, seed=seed)
-        self.epochs = scn.client.epochs
-        self.compute = scn.system.compute
-        self.batch_size = scn.client.batch_size
+        self.availability = build_availability(churn.availability, num_clients=n, seed=seed)
+        self.membership = build_membership(churn.membership, num_clients=n, seed=seed)
+        self.system = SystemModel(system, num_clients=n, seed=seed)
+        self.dropout = DropoutModel(churn.dropout, num_clients=n, seed=seed)
+        self.epochs = client.epochs
+        self.compute = system.compute
+        self.batch_size = client.batch_size
         self.train_sizes = train_sizes
         self._queries = 0
 

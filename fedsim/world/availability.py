@@ -60,10 +60,10 @@ from typing import NoReturn
 import numpy as np
 
 from fedsim.errors import ScenarioError
-from fedsim.registry import Registry
 from fedsim.rng import np_rng
 from fedsim.sections import Section
 from fedsim.world.config import (
+    AVAILABILITY,
     AlwaysAvailability,
     AvailabilitySpec,
     BernoulliAvailability,
@@ -99,9 +99,6 @@ class AvailabilityModel(ABC):
         ``query`` grows by one per call."""
 
 
-AVAILABILITY: Registry[type[AvailabilityModel]] = Registry("availability model")
-
-
 def build_availability(spec: AvailabilitySpec, *, num_clients: int, seed: int) -> AvailabilityModel:
     """The availability model a ``[churn.availability]`` table selects by ``kind``."""
     return AVAILABILITY.get(spec.kind)(spec, num_clients=num_clients, seed=seed)
@@ -109,6 +106,8 @@ def build_availability(spec: AvailabilitySpec, *, num_clients: int, seed: int) -
 
 @AVAILABILITY.register("always")
 class AlwaysOnline(AvailabilityModel):
+    params = AlwaysAvailability
+
     def __init__(self, spec: AlwaysAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)
 
@@ -118,6 +117,8 @@ class AlwaysOnline(AvailabilityModel):
 
 @AVAILABILITY.register("bernoulli")
 class BernoulliOnline(AvailabilityModel):
+    params = BernoulliAvailability
+
     def __init__(self, spec: BernoulliAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)
         rng = np_rng(seed, "bernoulli_p")
@@ -129,6 +130,8 @@ class BernoulliOnline(AvailabilityModel):
 
 @AVAILABILITY.register("markov")
 class MarkovOnline(AvailabilityModel):
+    params = MarkovAvailability
+
     def __init__(self, spec: MarkovAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)
         n, s = num_clients, spec.spread
@@ -170,6 +173,8 @@ class MarkovOnline(AvailabilityModel):
 
 @AVAILABILITY.register("diurnal")
 class DiurnalOnline(AvailabilityModel):
+    params = DiurnalAvailability
+
     def __init__(self, spec: DiurnalAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)
         self.spec = spec
@@ -199,6 +204,8 @@ class DiurnalOnline(AvailabilityModel):
 @AVAILABILITY.register("trace")
 class TraceOnline(AvailabilityModel):
     """Replays online intervals; the query is vectorised over all intervals."""
+
+    params = TraceAvailability
 
     def __init__(self, spec: TraceAvailability, *, num_clients: int, seed: int) -> None:
         super().__init__(spec, num_clients=num_clients, seed=seed)

@@ -7,10 +7,11 @@ The engine's grid simulates them on a virtual clock (``fedsim.world``); the
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 
 # ---------------------------------------------------------------- availability models
@@ -91,14 +92,13 @@ class TraceAvailability(Section):
     )
 
 
-AvailabilitySpec = Annotated[
-    AlwaysAvailability
-    | BernoulliAvailability
-    | MarkovAvailability
-    | DiurnalAvailability
-    | TraceAvailability,
-    Field(discriminator="kind"),
-]
+# Availability models (``fedsim.world.availability``) register under their ``kind``;
+# each names its parameter class (above) as ``params``.
+AVAILABILITY: Registry[Any] = Registry(
+    "availability model", key="kind", default="always", params=lambda model: model.params
+)
+# The [churn.availability] table: a union of every registered availability model.
+AvailabilitySpec = Annotated[Section, Variants(AVAILABILITY)]
 
 
 class DropoutSection(Section):
@@ -187,7 +187,10 @@ class LognormalDist(Section):
     sigma: float = Field(1.0, ge=0, description="Standard deviation of the log.")
 
 
-DistSpec = Annotated[FixedDist | UniformDist | LognormalDist, Field(discriminator="kind")]
+DISTRIBUTIONS: Registry[type[Section]] = Registry("distribution", key="kind", default="fixed")
+for _name, _cls in (("fixed", FixedDist), ("uniform", UniformDist), ("lognormal", LognormalDist)):
+    DISTRIBUTIONS.add(_name, _cls)
+DistSpec = Annotated[Section, Variants(DISTRIBUTIONS)]
 
 
 class StragglerSection(Section):

@@ -78,7 +78,14 @@ def test_dropouts_fail_when_they_would_have_arrived_and_min_replies_skips():
 
 def _world(overrides, num_clients=20):
     scn = load_scenario(None, [f"data.num_clients={num_clients}", *overrides])
-    world = World(scn, train_sizes=lambda cids: np.full(len(cids), 50))
+    world = World(
+        scn.churn,
+        scn.system,
+        scn.client,
+        num_clients=scn.num_clients,
+        seed=scn.run.seed,
+        train_sizes=lambda cids: np.full(len(cids), 50),
+    )
     return scn, world
 
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.engine.coordinator import AllClientsFailed, ClientDirectory, Coordinator
 from fedsim.engine.fold import TreeFold
 from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
-from fedsim.engine.pool import ClientWorker
+from fedsim.engine.messaging import PhasedGrid, SubsetGrid
+from fedsim.engine.worker import ClientWorker
 
 
 class LocalPool:
@@ -53,6 +53,9 @@ class LocalPool:
         return out, blocks
 
     def _reply(self, cid, msg):
+        if msg.metadata.message_type == MessageType.QUERY:  # node discovery
+            info = MetricRecord({"partition-id": cid})
+            return Message(RecordDict({"info": info}), reply_to=msg)
         if cid in self.fail:
             return Message(Error(2, f"client {cid} broke"), reply_to=msg)
         content = RecordDict(
@@ -140,14 +143,14 @@ def test_directory_maps_both_ways():
     assert t.node_of(1) == 5 and t.client_of(17) == 0
 
 
-class PlainGrid(RayGrid):
-    """fedsim's grid without its pre-fold: the coordinator folds every reply itself,
-    as it does under Flower's runtime or with real SuperNodes."""
+class PlainGrid(SubsetGrid):
+    """fedsim's grid seen as a plain Flower ``Grid`` (not a ``PhasedGrid``): the
+    coordinator discovers the nodes and folds every reply itself, as it does under
+    Flower's runtime or with real SuperNodes."""
 
-    def __getattribute__(self, name):
-        if name == "submit_phase":
-            raise AttributeError(name)
-        return super().__getattribute__(name)
+    def __init__(self, pool, num_clients):
+        inner = RayGrid(pool, num_clients=num_clients)
+        super().__init__(inner, list(inner.get_node_ids()))
 
 
 def test_folded_mean_is_bit_identical_for_any_worker_count_and_without_prefold():
@@ -159,7 +162,7 @@ def test_folded_mean_is_bit_identical_for_any_worker_count_and_without_prefold()
         runs.append(_coordinator(40, 23, rounds=2, fold=True).run(RayGrid(pool, num_clients=40)))
     plain = LocalPool(values=values, fail={5, 17})
     runs.append(_coordinator(40, 23, rounds=2, fold=True).run(PlainGrid(plain, num_clients=40)))
-    assert not hasattr(PlainGrid(plain, num_clients=40), "submit_phase")
+    assert not isinstance(PlainGrid(plain, num_clients=40), PhasedGrid)
     got = {r.arrays["w"].numpy().tobytes() for r in runs}
     assert len(got) == 1
     assert [r.rounds[0]["clients_failed"] for r in runs] == [
@@ -217,11 +220,7 @@ def _lookahead_run(lookahead, log, fail_round=None, seen=None, pool=None):
 
 def test_lookahead_queues_training_ahead_of_evaluation_and_changes_no_result():
     logs: dict[bool, list] = {True: [], False: []}
-    runs, times = {}, {}
-    for la in (True, False):
-        t0 = time.perf_counter()
-        runs[la] = _lookahead_run(la, logs[la])
-        times[la] = time.perf_counter() - t0
+    runs = {la: _lookahead_run(la, logs[la]) for la in (True, False)}
     strip = {
         la: [{k: v for k, v in r.items() if k != "round_wall_s"} for r in res.rounds]
         for la, res in runs.items()
@@ -242,10 +241,11 @@ def test_lookahead_queues_training_ahead_of_evaluation_and_changes_no_result():
     # evaluation is aggregated after round r + 1's training.
     assert logs[True] == [(ct, 1), (at, 1), (ct, 2), (ce, 1), (at, 2), (ct, 3), (ce, 2),
                           (ae, 1), (at, 3), (ce, 3), (ae, 2), (ae, 3)]  # fmt: skip
-    # Each round's wall time runs from the model update before: they tile the run.
-    for res, total in zip(runs.values(), times.values(), strict=True):
-        assert all(r["round_wall_s"] > 0 for r in res.rounds)
-        assert sum(r["round_wall_s"] for r in res.rounds) <= total
+    # Every round records its wall time (the one key the comparison above leaves out).
+    for res in runs.values():
+        assert all(
+            isinstance(r["round_wall_s"], float) and r["round_wall_s"] >= 0 for r in res.rounds
+        )
 
 
 def test_an_error_starting_the_next_round_early_surfaces_after_this_round_ends():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,13 +28,25 @@ def test_private_ray_binds_to_loopback_only():
     assert out.stdout.strip().splitlines()[-1] == "127.0.0.1"
 
 
-def test_failed_run_leaves_an_incomplete_dir_with_the_error(tmp_path, monkeypatch, ray_cluster):
-    import ray
+def _alive_client_workers() -> set[str]:
+    """Ids of the ClientWorker actors that Ray's control store lists as alive. The public
+    state API (``ray.util.state``) needs the dashboard, which the test session runs
+    without; the control store's actor table does not."""
+    from ray._private import state
 
+    return {
+        actor_id
+        for actor_id, actor in state.actors().items()
+        if actor["ActorClassName"] == "ClientWorker" and actor["State"] == "ALIVE"
+    }
+
+
+def test_failed_run_leaves_an_incomplete_dir_with_the_error(tmp_path, monkeypatch, ray_cluster):
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation exploded")
 
     monkeypatch.setattr("fedsim.engine.server.evaluate_model", broken)
+    before = _alive_client_workers()  # another test's leftovers are not this run's
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="evaluation exploded"):
         execute(load_scenario(None, SMALL), out=out)
@@ -41,9 +54,13 @@ def test_failed_run_leaves_an_incomplete_dir_with_the_error(tmp_path, monkeypatc
     incomplete = tmp_path / "run.incomplete"
     assert "evaluation exploded" in (incomplete / "error.txt").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    # The pool's actors are gone (the session's Ray itself stays up).
-    alive = [a for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert alive == []
+    # The pool's actors are gone (the session's Ray itself stays up). ray.kill is
+    # asynchronous: wait for the kills to land, then check.
+    for _ in range(100):
+        if not _alive_client_workers() - before:
+            break
+        time.sleep(0.1)
+    assert _alive_client_workers() - before == set()
 
 
 def test_resources_that_do_not_fit_are_a_scenario_error_before_any_output(tmp_path, ray_cluster):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsim.engine.fold import TreeFold, array_view, combine, fold_weighted_mean, leaf, sum_dtype
-from fedsim.engine.pool import split_ranges
+from fedsim.engine.schedule import split_ranges
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import ray
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsim.engine import claims, transport
 from fedsim.engine import pool as pool_mod
 from fedsim.engine.fold import combine
 from fedsim.engine.pool import WorkerPool
@@ -82,17 +83,16 @@ def _evaluate(pool, record, rnd, tag):
 def test_a_batch_refers_to_the_held_record_instead_of_carrying_it(scenario):
     record = _model(scenario, 1)
     batch = _batches(record, MessageType.TRAIN, 1, "t")[0]
-    pool = WorkerPool.__new__(WorkerPool)  # _pack needs no actors
-    packed = pool._pack(batch, record, 7)
+    packed = transport.pack_batch(batch, record, 7)
     full = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
     model_bytes = sum(len(a.data) for a in record.values())
     assert len(full) > model_bytes > 20 * len(packed)
     other = _model(scenario, 2)
-    pool_mod._HELD.clear()
-    pool_mod._HELD[7] = other
+    transport._HELD.clear()
+    transport._HELD[7] = other
     got = pickle.loads(packed)
     assert all(m.content["arrays"] is other for _, m in got)  # resolved to the held object
-    pool_mod._HELD.clear()
+    transport._HELD.clear()
     with pytest.raises(RuntimeError, match="does not hold record 7"):
         pickle.loads(packed)
 
@@ -199,10 +199,10 @@ def test_a_shared_phase_runs_each_client_once_with_the_replies_of_fixed_batches(
         losses = [r.content["metrics"]["eval_loss"] for r in replies]
         assert sorted(zip(ids, losses, strict=True)) == fixed
         assert not os.path.exists(counter)  # removed once the phase is collected
-        claims = pool._shm
+        shm = pool._shm
     finally:
         pool.shutdown()
-    assert not os.path.exists(claims)
+    assert not os.path.exists(shm)
 
 
 def test_a_shared_phase_fails_only_the_clients_a_lost_worker_had_taken(
@@ -234,10 +234,10 @@ def test_a_shared_phase_fails_only_the_clients_a_lost_worker_had_taken(
 
 def test_the_claim_counter_gives_each_number_once_across_processes(tmp_path):
     path = str(tmp_path / "counter")
-    pool_mod.new_counter(path)
+    claims.new_counter(path)
     code = (
         "import sys\n"
-        "from fedsim.engine.pool import ClaimCounter\n"
+        "from fedsim.engine.claims import ClaimCounter\n"
         "c = ClaimCounter(sys.argv[1])\n"
         "print(' '.join(str(c.take()) for _ in range(20000)))\n"
     )

@@ -1,0 +1,97 @@
+"""Client behaviours: what a client does with a training or evaluation task.
+
+A behaviour is a ``[client]`` parameter class registered in ``fedsim.client_params.CLIENTS``
+under the name ``client.behaviour`` selects. The ClientApp (``clients.app``) loads the
+global model into a torch module, hands the behaviour a :class:`ClientTask`, and turns
+what it returns into the Flower reply, so a behaviour is plain torch: honest local SGD
+(``sgd``, below), and next to it attackers, DP-SGD or SCAFFOLD-like clients.
+
+A behaviour trains ``task.model`` in place (it arrives holding the global weights
+``w_t``) and returns a :class:`Outcome`; the reply carries the trained weights.
+``task.state`` is the client's own persistent ``RecordDict``: what a behaviour stores
+there comes back the next time this client is given a task (control variates, a
+privacy ledger); leave it untouched when there is nothing to keep.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import Field
+
+from clients.training import evaluate_model, train_local
+from fedsim.client_params import CLIENTS, MAX_STEPS_KEY, ClientParams
+
+__all__ = ["Behaviour", "ClientTask", "Outcome", "SgdClient"]
+
+
+@dataclass
+class ClientTask:
+    """One client's task in one round, as a behaviour sees it."""
+
+    cid: int
+    server_round: int
+    config: ConfigRecord  # what the strategy sent (e.g. proximal-mu, max-steps)
+    model: torch.nn.Module  # holds the global model w_t on arrival
+    device: torch.device
+    x: np.ndarray  # this client's examples for the task (train or held-out split)
+    y: np.ndarray
+    # Seeded for (run seed, round, client): batch order and any other draw (training only).
+    generator: torch.Generator | None = None
+    state: RecordDict = field(default_factory=RecordDict)  # persists across rounds
+
+
+@dataclass
+class Outcome:
+    """What a behaviour did: the example count (the aggregation weight) and metrics."""
+
+    num_examples: int
+    metrics: dict[str, float | int] = field(default_factory=dict)
+
+
+class Behaviour(ClientParams):
+    """Base of registered client behaviours: subclasses implement ``train``; evaluation
+    defaults to loss and accuracy of the received model on the held-out split."""
+
+    @abstractmethod
+    def train(self, task: ClientTask) -> Outcome:
+        """Train ``task.model`` in place on ``task.x``/``task.y``."""
+
+    def evaluate(self, task: ClientTask) -> Outcome:
+        res = evaluate_model(
+            task.model, task.x, task.y, batch_size=self.eval_batch_size, device=task.device
+        )
+        return Outcome(res.num_examples, {"eval_loss": res.loss, "eval_accuracy": res.accuracy})
+
+
+@CLIENTS.register("sgd")
+class SgdClient(Behaviour):
+    """Honest local minibatch SGD (FedAvg's ClientUpdate; FedProx's with mu > 0)."""
+
+    behaviour: Literal["sgd"] = Field(
+        "sgd", description="Client behaviour: 'sgd' is honest local minibatch SGD."
+    )
+
+    def train(self, task: ClientTask) -> Outcome:
+        mu = float(task.config.get("proximal-mu", self.mu))
+        max_steps = task.config.get(MAX_STEPS_KEY)  # a straggler's partial work
+        res = train_local(
+            task.model,
+            task.x,
+            task.y,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            mu=mu,
+            generator=task.generator,
+            device=task.device,
+            max_steps=None if max_steps is None else int(max_steps),  # type: ignore[arg-type]
+        )
+        return Outcome(res.num_examples, {"train_loss": res.train_loss})

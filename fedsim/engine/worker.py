@@ -1,0 +1,156 @@
+"""The body of a Ray actor that hosts many virtual clients of one scenario.
+
+Each actor builds the scenario's Flower ClientApp once; the datasets, shards and model
+it needs are built on first use and reused (see ``clients.app``). A phase of a round is
+one call per actor carrying a batch of messages (``run_packed``), so a round costs one
+Ray call per actor, not one task per client.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import time
+from collections.abc import Sequence
+
+import ray
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedsim.engine.claims import claimed
+from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
+from fedsim.engine.transport import PackedRecord, Unpickled, hold
+
+
+class ClientWorker:
+    """Ray actor body: runs the scenario's Flower ClientApp on batches of messages."""
+
+    def __init__(self, spec_json: str, torch_threads: int) -> None:
+        import torch
+
+        from clients.app import build_client_app
+
+        torch.set_num_threads(torch_threads)
+        self._spec_json = spec_json
+        self._app = build_client_app(spec_json)
+
+    def warm(self) -> float:
+        """Load data and model and run one client through train and evaluate (replies
+        discarded), so the first round measures the round, not lazy start-up work."""
+        from flwr.app import ConfigRecord, MessageType
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from clients.app import _env
+
+        t0 = time.perf_counter()
+        env = _env(self._spec_json)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(env.model.state_dict()),
+                "config": ConfigRecord({"server-round": 0}),
+            }
+        )
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            msg = Message(content, dst_node_id=0, message_type=kind)
+            msg.metadata.__dict__["_message_id"] = "warm-up"
+            fold = 0 if kind == MessageType.TRAIN else None  # warm the pre-fold too
+            self.run(0, env.federation.num_clients, [(0, msg)], fold)
+        env.last_record = env.last_state = env.holds = None
+        # Exempt what start-up built from the cyclic GC's full scans (see
+        # fedsim.engine.run.frozen_heap); the actor lives for one run.
+        gc.collect()
+        gc.freeze()
+        return time.perf_counter() - t0
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def run(
+        self,
+        run_id: int,
+        num_clients: int,
+        batch: Sequence[tuple[int, Message]],
+        fold_from: int | None = None,
+        claims: str | None = None,
+    ) -> list[Message] | tuple[list[Message], list[Block]]:
+        """Run the batch's clients in order; return their replies.
+
+        With ``fold_from`` (the cohort position of the batch's first client; the batch is
+        a contiguous range of positions) the weighted sum of the replies' arrays is
+        folded here as each client finishes, and the replies come back with metrics
+        only, together with the partial sums (see ``fedsim.engine.fold``).
+
+        With ``claims`` (a shared phase: ``batch`` is the whole phase) only the clients
+        whose index this worker takes from the shared counter run here.
+        """
+        replies = []
+        tree = TreeFold() if fold_from is not None else None
+        for pos, (cid, msg) in (
+            claimed(batch, claims) if claims else enumerate(batch, start=fold_from or 0)
+        ):
+            context = Context(
+                run_id=run_id,
+                node_id=msg.metadata.dst_node_id,
+                node_config={"partition-id": cid, "num-partitions": num_clients},
+                state=RecordDict(),
+                run_config={},
+            )
+            try:
+                reply = self._app(msg, context)
+            except Exception as exc:  # a failing client is a failed reply, not a crash
+                reason = f"{type(exc).__name__}: {exc}"
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            if tree is not None:
+                reply, term = self._fold(reply, msg)
+                tree.add(pos, term)
+            replies.append(reply)
+        return replies if tree is None else (replies, tree.blocks)
+
+    def run_packed(
+        self,
+        run_id: int,
+        num_clients: int,
+        batch: bytes,
+        fold_from: int | None = None,
+        token: int | None = None,
+        record: PackedRecord | None = None,
+        claims: str | None = None,
+    ) -> bytes | tuple[bytes, list[Block]]:
+        """``run`` with the batch and the replies pickled by the caller and here (see
+        ``fedsim.engine.transport`` for why).
+
+        Partial sums (a few numpy arrays) are returned as they are: Ray moves them out of
+        band through its object store and the driver reads them in place, where pickling
+        them in the bytes would copy each model-sized array twice more on each side.
+
+        The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (put
+        in Ray's object store once for all actors when large) comes only when this
+        worker does not hold that token yet.
+        """
+        if record is not None:
+            hold(token, record)  # type: ignore[arg-type]
+        items = pickle.loads(batch)
+        if claims is not None:  # one pickle per item: unpickle only those taken here
+            items = Unpickled(items)
+        result = self.run(run_id, num_clients, items, fold_from, claims)
+        if fold_from is None:
+            return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        replies, blocks = result
+        return pickle.dumps(replies, protocol=pickle.HIGHEST_PROTOCOL), blocks
+
+    @staticmethod
+    def _fold(reply: Message, msg: Message) -> tuple[Message, Sums | None]:
+        """The reply's term of the weighted sum, and the reply without its arrays."""
+        if reply.has_error():
+            return reply, None
+        try:
+            arrays, metrics = records(reply.content)
+        except ValueError:
+            arrays = None
+        if arrays is None:
+            reason = f"a training reply needs arrays and a MetricRecord with '{WEIGHT_KEY}'"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg), None
+        term = leaf(arrays, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
+        reply.content = RecordDict({"metrics": metrics})
+        return reply, term
