@@ -9,6 +9,7 @@ fedsim's Ray grid, Flower's simulation runtime, and on real SuperNodes
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -133,9 +134,11 @@ def build_client_app(spec_json: str) -> ClientApp:
         _load_arrays(env, msg)
         x, y = env.federation.test_data(cid)
         server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
-        task = ClientTask(
-            cid, server_round, config, env.model, env.device, x, y, state=context.state
-        )
+        # Evaluation reads the client's state but keeps no change to it: fedsim's engine
+        # queues a round's evaluation behind the next round's training, so only training
+        # may write it (the same on every engine).
+        state = copy.deepcopy(context.state) if len(context.state) else RecordDict()
+        task = ClientTask(cid, server_round, config, env.model, env.device, x, y, state=state)
         out = env.behaviour.evaluate(task)
         metrics = MetricRecord({"num-examples": out.num_examples, **out.metrics})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -77,6 +77,7 @@ _STATUS_COLORS = (
     "#e53935",  # dropped
     "#fb8c00",  # late
     "#2e7d32",  # aggregated
+    "#8e24aa",  # rejected
 )
 _NOT_RECORDED_COLOR = "#ffffff"
 

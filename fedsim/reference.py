@@ -108,6 +108,13 @@ def _variants(
     return out
 
 
+_TRANSFORMS_DOC = (
+    "A list of tables, run in order on each client's update w - w_t: per-update ones in "
+    "the worker before folding, aggregate ones on the mean update at the coordinator "
+    '(see "Update transforms").'
+)
+
+
 def render() -> str:
     from fedsim.client_params import CLIENTS, ClientParams
     from fedsim.data import DATASETS, PARTITIONERS
@@ -120,6 +127,7 @@ def render() -> str:
         refresh_schema,
     )
     from fedsim.strategy_params import STRATEGIES, StrategyParams
+    from fedsim.transforms import TRANSFORMS
     from fedsim.world.config import (
         AVAILABILITY,
         DISTRIBUTIONS,
@@ -169,7 +177,9 @@ def render() -> str:
     lines += _variants("distribution", "kind", DISTRIBUTIONS, "system.speed.", ())
     lines += ["### `[system.stragglers]`", ""] + table(StragglerSection, "system.stragglers.")
     lines += ["", "### `[coordinator]`", ""] + table(CoordinatorSection, "coordinator.")
-    lines += ["", "### `[privacy]`", ""]
+    lines += ["", "### `[[transforms]]`", "", _TRANSFORMS_DOC, ""]
+    lines += _variants("transform", "kind", TRANSFORMS, "transforms[i].", ())
+    lines += ["### `[privacy]`", ""]
     lines += [
         f"Reserved: {PrivacySection.__doc__.strip()} The table may be present but must be empty.",
         "",

@@ -1,8 +1,8 @@
 """Scenario files: schema (pydantic v2), TOML loading, ``--set`` overrides, JSON Schema.
 
 A scenario is one TOML file with the tables ``run``, ``data``, ``model``, ``client``,
-``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator`` and the reserved
-``privacy``. Every key has a
+``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator``, the list
+``transforms`` and the reserved ``privacy``. Every key has a
 default except what must be chosen (e.g. ``data.path`` for MNIST); unknown keys are
 errors; every error names its key path.
 """
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, Field, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import Field, ValidationError
 
+import fedsim.variants as variants
 import fedsim.world.availability  # noqa: F401  (registers the built-in availability models)
 from fedsim.client_params import CLIENTS, ClientParams
 from fedsim.data import DATASETS
@@ -29,6 +27,7 @@ from fedsim.plugins import load_builtins, load_plugins
 from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 from fedsim.strategy_params import STRATEGIES, StrategyParams
+from fedsim.transforms import TRANSFORMS
 from fedsim.world.config import ChurnSection, CoordinatorSection, SystemSection
 
 
@@ -115,6 +114,12 @@ class Scenario(Section):
     churn: ChurnSection = Field(default_factory=ChurnSection)
     system: SystemSection = Field(default_factory=SystemSection)
     coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
+    transforms: list[Annotated[Section, Variants(TRANSFORMS)]] = Field(
+        default_factory=list,
+        description="Transforms of the clients' updates w - w_t, in order: per-update ones "
+        "(clip, reject) in the worker before folding, aggregate ones on the mean update "
+        "at the coordinator. Each is a table with a 'kind' key.",
+    )
     privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     # Derived sizes the engine needs everywhere.
@@ -136,67 +141,6 @@ class Scenario(Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
-
-
-# ------------------------------------------------------- tables generated from registries
-
-
-def _registry(info: FieldInfo) -> Registry[Any] | None:
-    """The registry whose entries a field's table validates into, if it is one."""
-    return next((m.registry for m in info.metadata if isinstance(m, Variants)), None)
-
-
-def _nested(ann: Any) -> Iterator[type[BaseModel]]:
-    """The model classes an annotation can hold (through unions, lists, Annotated)."""
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        yield ann
-    elif get_origin(ann) in (Annotated, Union, UnionType, list, dict, tuple):
-        for a in get_args(ann):
-            yield from _nested(a)
-
-
-def _children(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
-    for info in model.model_fields.values():
-        reg = _registry(info)
-        if reg is not None:
-            yield from (reg.params(n) for n in reg.names())
-        else:
-            yield from _nested(info.annotation)
-
-
-def _post_order(model: type[BaseModel], seen: set[type], out: list[type[BaseModel]]) -> None:
-    if model in seen:
-        return
-    seen.add(model)
-    for child in _children(model):
-        _post_order(child, seen, out)
-    out.append(model)
-
-
-_built_generation = -1
-
-
-def refresh_schema() -> None:
-    """Rebuild the scenario's models once registrations have changed (built-ins loaded
-    for the first time, a plug-in imported), children before the tables holding them."""
-    global _built_generation
-    load_builtins()
-    if _built_generation == Registry.generation:
-        return
-    models: list[type[BaseModel]] = []
-    _post_order(Scenario, set(), models)
-    for m in models:
-        m.model_rebuild(force=True)
-    _built_generation = Registry.generation
-
-
-def _registries() -> Iterator[Registry[Any]]:
-    models: list[type[BaseModel]] = []
-    _post_order(Scenario, set(), models)
-    for m in models:
-        for info in m.model_fields.values():
-            if (reg := _registry(info)) is not None:
-                yield reg
 
 
 # --------------------------------------------------------------------------- loading
@@ -239,7 +183,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ScenarioError([(where, f"is not a table, cannot set {'.'.join(parts)}")])
             cur = nxt
         table = tuple(parts[:-1])
-        reg = _table_registry(table, raw)
+        reg = variants.table_registry(Scenario, table, raw)
         if reg is not None and parts[-1] == reg.key and cur.get(parts[-1], value) != value:
             switched[table] = value
         cur[parts[-1]] = value
@@ -247,7 +191,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     if switched:  # the new variant may come from a plug-in
         _load_plugins_of(raw)
     for table, value in switched.items():
-        fields = _variant_fields(table, value, raw)
+        fields = variants.variant_fields(Scenario, table, value, raw)
         cur = raw
         for p in table:
             cur = cur[p]
@@ -257,62 +201,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _table_registry(path: tuple[str, ...], raw: dict[str, Any]) -> Registry[Any] | None:
-    """The registry a table at ``path`` validates into (None: not a variant table),
-    following the variants ``raw`` selects on the way down."""
-    model: type[BaseModel] | None = Scenario
-    cur: Any = raw
-    for i, p in enumerate(path):
-        info = model.model_fields.get(p) if model is not None else None
-        if info is None:
-            return None
-        reg = _registry(info)
-        if i == len(path) - 1:
-            return reg
-        cur = cur.get(p) if isinstance(cur, dict) else None
-        if reg is not None:
-            tag = cur.get(reg.key, reg.default) if isinstance(cur, dict) else reg.default
-            model = reg.params(tag) if tag in reg else None
-        else:
-            nested = list(_nested(info.annotation))
-            model = nested[0] if len(nested) == 1 else None
-    return None
-
-
-def _variant_fields(table: tuple[str, ...], value: Any, raw: dict[str, Any]) -> set[str] | None:
-    """The keys the variant ``value`` of a discriminated table accepts (None: unknown)."""
-    reg = _table_registry(table, raw)
-    if reg is None or not isinstance(value, str) or value not in reg:
-        return None
-    return set(reg.params(value).model_fields)
-
-
-def _fill_discriminators(raw: dict[str, Any], model: type[BaseModel] | None = None) -> None:
-    """Default the selector keys (``strategy.name`` etc.) so a table may omit them, in
-    every variant table the scenario has (a table the chosen variant lacks, such as
-    ``data.partition`` for ``synthetic``, is left for validation to refuse)."""
-    for name, info in (model or Scenario).model_fields.items():
-        sub = raw.get(name)
-        if not isinstance(sub, dict):
-            continue
-        reg = _registry(info)
-        if reg is not None:
-            if reg.default is not None:
-                sub.setdefault(reg.key, reg.default)
-            tag = sub.get(reg.key)
-            if isinstance(tag, str) and tag in reg:
-                _fill_discriminators(sub, reg.params(tag))
-        else:
-            nested = list(_nested(info.annotation))
-            if len(nested) == 1:
-                _fill_discriminators(sub, nested[0])
-
-
 def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
     """Turn a pydantic error location into a scenario key path, dropping union tags."""
     parts: list[str] = []
     cur = raw
-    tag_keys = {reg.key for reg in _registries()}
+    tag_keys = {reg.key for reg in variants.registries(Scenario)}
     for el in loc:
         if isinstance(cur, dict) and el in cur:
             parts.append(str(el))
@@ -446,6 +339,19 @@ def _check_world(scn: Scenario) -> list[tuple[str, str]]:
     return problems
 
 
+_built_generation = -1
+
+
+def refresh_schema() -> None:
+    """Rebuild the scenario's models once registrations have changed (built-ins loaded
+    for the first time, a plug-in imported)."""
+    global _built_generation
+    load_builtins()
+    if _built_generation != Registry.generation:
+        variants.rebuild(Scenario)
+        _built_generation = Registry.generation
+
+
 def _load_plugins_of(raw: dict[str, Any]) -> None:
     """Import the plug-ins ``run.plugins`` names (a malformed list is left to validation)
     and bring the schema up to date with their registrations."""
@@ -458,7 +364,7 @@ def _load_plugins_of(raw: dict[str, Any]) -> None:
 
 def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
     _load_plugins_of(raw)
-    _fill_discriminators(raw)
+    variants.fill_selectors(raw, Scenario)
     try:
         scn = Scenario.model_validate(raw)
     except ValidationError as exc:

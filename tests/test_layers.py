@@ -10,7 +10,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, ...]] = [
-    ("fedsim.errors", "fedsim.sections", "fedsim.registry", "fedsim.rng", "fedsim.arrays"),
+    (
+        "fedsim.errors",
+        "fedsim.sections",
+        "fedsim.registry",
+        "fedsim.variants",
+        "fedsim.rng",
+        "fedsim.arrays",
+    ),
     ("fedsim.plugins",),
     (
         "fedsim.world",
@@ -18,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "fedsim.models",
         "fedsim.client_params",
         "fedsim.strategy_params",
+        "fedsim.transforms",
     ),
     ("fedsim.scenario", "fedsim.reference"),
     ("strategies", "clients"),

@@ -136,6 +136,7 @@ def test_json_schema_describes_every_section():
         "churn",
         "system",
         "coordinator",
+        "transforms",
         "privacy",
     }
     text = json.dumps(schema)

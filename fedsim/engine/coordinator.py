@@ -33,7 +33,9 @@ from fedsim.engine.messaging import (
 )
 from fedsim.engine.policy import DROPPED, RoundPlan, plan_round
 from fedsim.engine.protocol import FedAvgProtocol, Round, RoundProtocol, RoundRecord, Stage
+from fedsim.engine.screening import rejection
 from fedsim.rng import int_seed, np_rng
+from fedsim.transforms import Chains
 from fedsim.world.config import CoordinatorSection
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ class Coordinator:
         on_participation: ParticipationHook | None = None,
         lookahead: bool = False,
         protocol: RoundProtocol | None = None,
+        chains: Chains | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -119,6 +122,7 @@ class Coordinator:
         # training does not depend on their evaluation (all of Flower's own).
         self.lookahead = lookahead
         self.protocol = protocol or FedAvgProtocol()
+        self.chains = chains or Chains()  # the scenario's update transforms
         self.clock = 0.0  # virtual seconds since the run began
 
     def sample(
@@ -237,9 +241,11 @@ class Coordinator:
             replies = exchange(self._grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
         by_id = {r.metadata.reply_to_message_id: r for r in replies}
         ordered = [by_id.get(m.metadata.message_id) for m in msgs]
-        errors = [r for r in replies if r.has_error()]
+        errors = [r for r in replies if r.has_error() and rejection(r) is None]
         ok = len(replies) - len(errors)
-        if msgs and ok == 0 and len(msgs) > sent.expected_failures:
+        ok -= sum(1 for r in replies if rejection(r) is not None)
+        rejected = any(rejection(r) is not None for r in replies)
+        if msgs and ok == 0 and not rejected and len(msgs) > sent.expected_failures:
             reason = errors[0].error.reason if errors else "no replies before the timeout"
             raise AllClientsFailed(
                 f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
@@ -254,6 +260,11 @@ class Coordinator:
             )
         cids = [self._directory.client_of(m.metadata.dst_node_id) for m in msgs]
         return Replies(cids, msgs, ordered, ok, blocks, sent.expected_failures)
+
+    @property
+    def grid_screens(self) -> bool:
+        """Whether the grid's workers run the per-update transforms (fedsim's do)."""
+        return isinstance(self._grid, PhasedGrid) and self._grid.screens_updates
 
     # -- the run -------------------------------------------------------------------
     def run(self, grid: Grid) -> CoordinatorResult:

@@ -5,15 +5,18 @@ For strategies whose aggregate depends on the replies only through their
 coordinator hands the strategy a single reply carrying that mean, with ``num-examples``
 = the total. The strategy's own code then runs unchanged (its weight is exactly 1.0).
 
-Arrays are summed as ``sum_i n_i * x_i`` over a **fixed pairwise tree** on the clients'
-positions in the cohort (sorted by client id), then divided by ``sum_i n_i`` and cast
-back to the array's dtype. Sums are kept in the array's own floating dtype (float32 for
-float32 and narrower floats, float64 for float64 and for integer arrays). A pairwise
-tree's rounding error bound grows with log2(K), not K, so float32 sums stay within a few
-ulps of the exact mean while moving half the bytes of float64 ones. The tree makes the
-sum streamable and splittable: a worker that hosts a contiguous range of positions
-folds its clients as they finish into at most ~2 log2(K) partial sums of whole
-subtrees (``TreeFold``), and ``combine`` finishes the same tree from any such pieces.
+Arrays are folded as updates: ``sum_i n_i * (x_i - w_t)`` over a **fixed pairwise tree**
+on the clients' positions in the cohort (sorted by client id), divided by ``sum_i n_i``,
+added to the global model ``w_t`` and cast back to its dtype. Updates are what
+per-update transforms act on (clip, validate: ``fedsim.transforms``), and, being small
+next to the weights, they lose less to rounding. Sums are kept in the array's own
+floating dtype (float32 for float32 and narrower floats, float64 for float64 and for
+integer arrays). A pairwise tree's rounding error bound grows with log2(K), not K, so
+float32 sums stay within a few ulps of the exact mean while moving half the bytes of
+float64 ones. The tree makes the sum streamable and splittable: a worker that hosts a
+contiguous range of positions folds its clients as they finish into at most
+~2 log2(K) partial sums of whole subtrees (``TreeFold``), and ``combine`` finishes the
+same tree from any such pieces.
 So the result is bit-identical whether the coordinator folds every reply itself
 (Flower's runtime, real SuperNodes) or fedsim's workers pre-fold, for any number of
 workers, and no more than O(log K) models are ever held at once. (The result agrees
@@ -23,10 +26,11 @@ are folded with Flower's ``aggregate_metricrecords`` arithmetic, in client-id or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import array_view, to_array
 
@@ -67,18 +71,28 @@ def sum_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
-def leaf(arrays: ArrayRecord, weight: float) -> Sums:
-    """One client's term of the weighted sum: ``weight * x``, in ``sum_dtype``."""
+def update_of(arrays: ArrayRecord, base: ArrayRecord) -> Sums:
+    """A client's update ``w - w_t`` per array, in ``sum_dtype`` (new, writable arrays).
+
+    Raises ValueError when the reply's arrays are not the global model's (names, shapes).
+    """
+    if arrays.keys() != base.keys():
+        missing, extra = sorted(base.keys() - arrays.keys()), sorted(arrays.keys() - base.keys())
+        raise ValueError(f"reply arrays differ from the model's (missing {missing}, extra {extra})")
     out = {}
     for k, a in arrays.items():
-        x = array_view(a)
-        acc = sum_dtype(x.dtype)
-        if x.dtype == acc:
-            out[k] = x * acc.type(weight)
-        else:  # (a cast then an in-place product beats np.multiply(..., dtype=acc))
-            out[k] = x.astype(acc)
-            out[k] *= acc.type(weight)
+        x, w = array_view(a), array_view(base[k])
+        if x.shape != w.shape:
+            raise ValueError(f"reply array '{k}' has shape {x.shape}, the model's is {w.shape}")
+        out[k] = np.subtract(x, w, dtype=sum_dtype(x.dtype))
     return out
+
+
+def leaf(update: Sums, weight: float) -> Sums:
+    """One client's term of the weighted sum: ``weight * (w - w_t)``, in place."""
+    for d in update.values():
+        d *= d.dtype.type(weight)
+    return update
 
 
 def _merge(left: Sums | None, right: Sums | None) -> Sums | None:
@@ -172,13 +186,6 @@ def fold_metrics(parts: list[MetricRecord]) -> MetricRecord:
     return MetricRecord(agg_metrics)
 
 
-def _dtypes(*records: ArrayRecord | None) -> dict[str, np.dtype]:
-    for rec in records:
-        if rec is not None and len(rec):
-            return {k: np.dtype(a.dtype) for k, a in rec.items()}
-    return {}
-
-
 def _mean(total: np.ndarray, weight: float) -> np.ndarray:
     w = total.dtype.type(weight)
     if total.flags.writeable:  # our own accumulator: divide in place
@@ -192,14 +199,19 @@ def fold_weighted_mean(
     with_arrays: bool,
     reply_to: Message,
     blocks: list[Block] | None = None,
+    updates: list[Sums | None] | None = None,
+    finish: Callable[[Sums, float], Sums] | None = None,
 ) -> Message | None:
     """One reply with the example-weighted mean of the successful replies (or None).
 
     ``replies`` is the cohort in position order (by client id), ``None`` or an error for
-    a client that contributes nothing. With ``blocks`` (partial sums folded by workers)
-    the replies carry metrics only and the arrays come from the blocks. The result is a
-    reply to ``reply_to``, an instruction of the phase: strategies read content only, and
-    the mean takes the dtypes of the arrays it carries (the global model).
+    a client that contributes nothing. The arrays are folded as updates ``w - w_t``
+    against the model ``reply_to`` (an instruction of the phase) carries: from
+    ``blocks`` (partial sums pre-folded by workers; the replies then carry metrics
+    only), else from ``updates`` (each reply's update, already through the per-update
+    transforms), else from the replies' own arrays. ``finish`` transforms the mean
+    update (the aggregate transforms) before it is added to ``w_t``. The result takes
+    the dtypes of the model.
     """
     ok = [r is not None and not r.has_error() for r in replies]
     metrics = [records(r.content)[1] for r, good in zip(replies, ok, strict=True) if good]  # type: ignore[union-attr]
@@ -207,29 +219,42 @@ def fold_weighted_mean(
         return None
     content: dict[str, Any] = {"metrics": fold_metrics(metrics)}
     if with_arrays:
+        base = array_record(reply_to.content)
+        if base is None:
+            raise ValueError("a training instruction carries no ArrayRecord")
         weight = sum(float(m[WEIGHT_KEY]) for m in metrics)  # type: ignore[arg-type]
-        first = None
         if blocks is None:
             tree = TreeFold()
             for pos, (r, good) in enumerate(zip(replies, ok, strict=True)):
                 term = None
                 if good:
                     arrays, m = records(r.content)  # type: ignore[union-attr]
-                    if arrays is None:
+                    if updates is not None:
+                        update = updates[pos]
+                    elif arrays is None:
                         raise ValueError("a training reply carries no ArrayRecord")
-                    first = first or arrays
-                    term = leaf(arrays, float(m[WEIGHT_KEY]))  # type: ignore[arg-type]
+                    else:
+                        update = update_of(arrays, base)
+                    term = None if update is None else leaf(update, float(m[WEIGHT_KEY]))  # type: ignore[arg-type]
                 tree.add(pos, term)
             blocks = tree.blocks
         total = combine(blocks)
         if total is None:
             return None
-        sent = array_record(reply_to.content)
-        dtypes = _dtypes(sent, first)
+        mean = {k: _mean(v, weight) for k, v in total.items()}
+        if finish is not None:
+            mean = finish(mean, weight)
         content["arrays"] = ArrayRecord(
-            {
-                k: to_array(_mean(v, weight).astype(dtypes.get(k, np.float32), copy=False))
-                for k, v in total.items()
-            }
+            {k: to_array(apply_update(base[k], d)) for k, d in mean.items()}
         )
     return Message(RecordDict(content), reply_to=reply_to)
+
+
+def apply_update(base: Array, update: np.ndarray) -> np.ndarray:
+    """``w_t + update`` (in the update's dtype), cast back to ``w_t``'s dtype."""
+    w = array_view(base)
+    if update.flags.writeable and update.dtype == np.result_type(update.dtype, w.dtype):
+        total = np.add(update, w, out=update)
+    else:
+        total = update + w
+    return total.astype(w.dtype, copy=False)

@@ -36,6 +36,8 @@ class _OffsetDirectory(ClientDirectory):
 
 
 class RayGrid(PhasedGrid):
+    screens_updates = True  # ClientWorker screens every training reply
+
     def __init__(
         self,
         pool: WorkerPool,
@@ -134,7 +136,7 @@ class RayGrid(PhasedGrid):
             batches = [items[a:b] for a, b in ranges]
             fold_from = [a for a, _ in ranges]
             pending = self._pool.submit(run_id, self._num_clients, batches, fold_from=fold_from)
-        elif getattr(self._pool, "shares_work", False):
+        elif self._pool.shares_work:
             pending = self._pool.submit_shared(run_id, self._num_clients, items, cost=self._cost)
         else:
             batches = balance(items, self._pool.size, self._cost)

@@ -70,6 +70,10 @@ class PhasedGrid(Grid):
     @abstractmethod
     def client_directory(self) -> ClientDirectory: ...
 
+    #: Whether its workers run the scenario's per-update transforms on training replies
+    #: (else the coordinator does).
+    screens_updates: bool = False
+
     @abstractmethod
     def submit_phase(self, messages: Iterable[Message], *, fold: bool = False) -> Any:
         """Send a phase's messages; return a handle for ``collect_phase`` at once."""

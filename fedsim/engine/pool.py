@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from flwr.app import ArrayRecord, Error, Message
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.claims import new_counter, shm_dir
@@ -45,6 +45,7 @@ class Pending:
     record: ArrayRecord | None  # the shared record (global model), sent by token
     token: int | None
     claims: str | None = None  # a shared phase's counter file
+    states: dict[int, bytes] = field(default_factory=dict)  # slot -> its clients' states
     record_arg: Any = None  # the packed record (or its object ref), made on first need
     # slot -> (object ref of the call, its leading arguments)
     calls: dict[int, tuple[ray.ObjectRef, list]] = field(default_factory=dict)
@@ -72,6 +73,9 @@ class WorkerPool:
         self._in_flight: list[Pending] = []  # submitted, not yet collected, in order
         self._shm: str | None = None  # the counters' directory once sharing is on
         self._phases = 0
+        # Each client's persistent state (Flower's Context.state), by client id: sent with
+        # its next task, whichever actor runs it. Clients without one cost nothing.
+        self.states: dict[int, RecordDict] = {}
 
     def _replace(self, i: int) -> None:
         """A fresh actor in slot ``i``; it holds no model yet. Calls of phases still in
@@ -163,6 +167,7 @@ class WorkerPool:
             if b:
                 start = None if fold_from is None else fold_from[i]
                 calls.append((i, [run_id, num_clients, pack_batch(b, record, token), start]))
+                self._attach_states(pending, i, b)
         # Pack every batch first, then submit back to back: the workers start together.
         for i, args in calls:
             self._call(pending, i, args)
@@ -190,8 +195,16 @@ class WorkerPool:
         packed = pack_batch(items, pending.record, pending.token, each=True)
         if items:
             for i in range(self.size):
+                self._attach_states(pending, i, items)
                 self._call(pending, i, [run_id, num_clients, packed, None])
         return pending
+
+    def _attach_states(self, pending: Pending, i: int, batch: Batch) -> None:
+        """Send slot ``i`` the persistent states of its batch's clients that have one."""
+        if self.states:
+            mine = {cid: self.states[cid] for cid, _ in batch if cid in self.states}
+            if mine:
+                pending.states[i] = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _call(self, pending: Pending, i: int, args: list) -> None:
         """Submit ``pending``'s call for slot ``i`` to the actor now in that slot,
@@ -201,7 +214,9 @@ class WorkerPool:
             if pending.record_arg is None:  # once per phase, for every actor that needs it
                 pending.record_arg = record_arg(pending.record)  # type: ignore[arg-type]
             send = pending.record_arg
-        ref = self.actors[i].run_packed.remote(*args, pending.token, send, pending.claims)
+        ref = self.actors[i].run_packed.remote(
+            *args, pending.token, send, pending.claims, pending.states.get(i)
+        )
         pending.calls[i] = (ref, args)
         self._held[i] = pending.token
 
@@ -227,7 +242,8 @@ class WorkerPool:
             i = refs[ref]
             try:
                 got = ray.get(ref)
-                got = pickle.loads(got) if fold_from is None else (pickle.loads(got[0]), got[1])
+                packed, got_blocks = (got, None) if fold_from is None else got
+                got_replies, got_states = pickle.loads(packed)
             except ray.exceptions.RayError as exc:
                 # The actor died (e.g. out of memory): its clients fail this phase.
                 failure = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -239,11 +255,10 @@ class WorkerPool:
                 lost.append(i)
                 self._replace(i)
                 continue
-            if fold_from is None:
-                replies.extend(got)
-            else:
-                replies.extend(got[0])
-                blocks.extend(got[1])
+            replies.extend(got_replies)
+            self.states.update(got_states)
+            if got_blocks is not None:
+                blocks.extend(got_blocks)
         for ref in late:  # late batches: no replies this phase; replace the worker
             i = refs[ref]
             lost.append(i)

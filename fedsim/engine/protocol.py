@@ -25,7 +25,16 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedsim.engine.fold import fold_weighted_mean, num_examples
-from fedsim.engine.policy import AGGREGATED, DROPPED, LATE, REPLIED, RoundPlan, select_count
+from fedsim.engine.policy import (
+    AGGREGATED,
+    DROPPED,
+    LATE,
+    REJECTED,
+    REPLIED,
+    RoundPlan,
+    select_count,
+)
+from fedsim.engine.screening import finish_mean, finish_model, rejection, screen_replies
 
 if TYPE_CHECKING:
     from fedsim.engine.coordinator import Coordinator, Replies, Sent
@@ -46,6 +55,7 @@ class RoundRecord:
     clients_failed: int = 0
     clients_dropped: int = 0
     clients_late: int = 0
+    clients_rejected: int = 0  # left out by a per-update transform (see fedsim.transforms)
     clients_aggregated: int = 0
     round_skipped: bool = False
     client_eval_loss: float | None = None
@@ -148,23 +158,33 @@ class TrainStage(Stage):
 
     def aggregate(self, co: Coordinator, rnd: Round, replies: Replies | None) -> None:
         rec, status = rnd.record, rnd.status
-        good: set[int] = set()
         to_strategy: list[Message] = []
+        rejected = 0
         if replies is not None:
-            good = set(replies.ok_clients)
+            # Workers that pre-fold (or screen) have run the per-update transforms;
+            # otherwise they run here, on the same numbers.
+            updates = (
+                None if co.grid_screens else screen_replies(replies, co.chains, fold=co.fold_train)
+            )
             if co.fold_train:
                 folded = fold_weighted_mean(
                     replies.ordered,
                     with_arrays=True,
                     reply_to=replies.msgs[0],
                     blocks=replies.blocks,
+                    updates=updates,
+                    finish=finish_mean(co.chains, rnd.number),
                 )
                 to_strategy = [folded] if folded is not None else []
             else:
                 to_strategy = [r for r in replies.ordered if r is not None]
-            for c in replies.cids:  # a planned reply that failed for real is lost too
+            good = set(replies.ok_clients)
+            for c, r in zip(replies.cids, replies.ordered, strict=True):
+                # a planned reply that failed for real is lost too
                 if status[c] == AGGREGATED and c not in good:
-                    status[c] = DROPPED
+                    reason = rejection(r)
+                    rejected += reason is not None
+                    status[c] = DROPPED if reason is None else f"{REJECTED}:{reason}"
         ran = [] if replies is None else replies.cids
         n_agg = sum(1 for c in ran if status[c] == AGGREGATED)
         rec.round_skipped = n_agg < co.policy.min_replies
@@ -181,20 +201,23 @@ class TrainStage(Stage):
                     status[c] = REPLIED
         else:
             new_arrays, metrics = co.strategy.aggregate_train(rnd.number, to_strategy)
+            if new_arrays is not None and not co.fold_train:  # (a folded mean: done)
+                new_arrays = finish_model(co.chains, rnd.number, rnd.arrays, new_arrays)
             if new_arrays is not None:
                 rnd.arrays = new_arrays
         if rnd.plan is not None:
             co.clock += rnd.plan.duration_s
-        planned_failures = 0 if replies is None else replies.expected_failures
-        failed = 0 if replies is None else replies.failed
+        planned = 0 if replies is None else replies.expected_failures
+        failed = (0 if replies is None else replies.failed) - rejected
         rec.train_loss = _metric(metrics, "train_loss")
         rec.virtual_time_s = co.clock if co.world is not None else None
         rec.clients_online = rnd.n_online
         rec.clients_selected = len(rnd.selected)
         rec.clients_replied = 0 if replies is None else replies.ok
-        rec.clients_failed = failed - planned_failures if failed >= planned_failures else failed
+        rec.clients_failed = failed - planned if failed >= planned else failed
         rec.clients_dropped = sum(1 for v in status.values() if v == DROPPED)
         rec.clients_late = sum(1 for v in status.values() if v == LATE)
+        rec.clients_rejected = rejected
         rec.clients_aggregated = 0 if rec.round_skipped else n_agg
         if co.on_participation is not None:
             co.on_participation(rnd.number, rnd.online, status)

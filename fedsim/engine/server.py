@@ -19,6 +19,7 @@ from fedsim.engine.coordinator import (
     RoundHook,
 )
 from fedsim.models import build_model
+from fedsim.transforms import Chains
 from fedsim.world import World
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def build_coordinator(
         # Every registered strategy is one of Flower's, whose configure_train does not
         # depend on the evaluation of the round before.
         lookahead=True,
+        chains=Chains.of(scn.transforms, seed=scn.run.seed),
     )
 
 

@@ -12,14 +12,17 @@ import gc
 import pickle
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import ray
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.claims import claimed
 from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
+from fedsim.engine.screening import screen, screened
 from fedsim.engine.transport import PackedRecord, Unpickled, hold
+from fedsim.transforms import Chains
 
 
 class ClientWorker:
@@ -33,11 +36,22 @@ class ClientWorker:
         torch.set_num_threads(torch_threads)
         self._spec_json = spec_json
         self._app = build_client_app(spec_json)
+        self._chains: Chains | None = None
+
+    @property
+    def chains(self) -> Chains:
+        """The scenario's update transforms (built with the client app's environment)."""
+        if self._chains is None:
+            from clients.app import _env
+
+            scn = _env(self._spec_json).scenario
+            self._chains = Chains.of(scn.transforms, seed=scn.run.seed)
+        return self._chains
 
     def warm(self) -> float:
         """Load data and model and run one client through train and evaluate (replies
         discarded), so the first round measures the round, not lazy start-up work."""
-        from flwr.app import ConfigRecord, MessageType
+        from flwr.app import ConfigRecord
         from flwr.supercore.task_identity import TaskIdentity
 
         from clients.app import _env
@@ -73,27 +87,34 @@ class ClientWorker:
         batch: Sequence[tuple[int, Message]],
         fold_from: int | None = None,
         claims: str | None = None,
-    ) -> list[Message] | tuple[list[Message], list[Block]]:
-        """Run the batch's clients in order; return their replies.
+        states: dict[int, RecordDict] | None = None,
+    ) -> PhaseOutput:
+        """Run the batch's clients in order; return their replies, and the persistent
+        state of each client that trained and has one (``states`` brings it in).
 
-        With ``fold_from`` (the cohort position of the batch's first client; the batch is
-        a contiguous range of positions) the weighted sum of the replies' arrays is
-        folded here as each client finishes, and the replies come back with metrics
-        only, together with the partial sums (see ``fedsim.engine.fold``).
+        Training replies go through the scenario's per-update transforms
+        (``fedsim.engine.screening``). With ``fold_from`` (the cohort position of the
+        batch's first client; the batch is a contiguous range of positions) their
+        weighted sum is folded here as each client finishes, and the replies come back
+        with metrics only, together with the partial sums (see ``fedsim.engine.fold``).
 
         With ``claims`` (a shared phase: ``batch`` is the whole phase) only the clients
         whose index this worker takes from the shared counter run here.
         """
         replies = []
+        new_states: dict[int, RecordDict] = {}
+        states = states or {}
+        chains = self.chains
         tree = TreeFold() if fold_from is not None else None
         for pos, (cid, msg) in (
             claimed(batch, claims) if claims else enumerate(batch, start=fold_from or 0)
         ):
+            state = states.get(cid)
             context = Context(
                 run_id=run_id,
                 node_id=msg.metadata.dst_node_id,
                 node_config={"partition-id": cid, "num-partitions": num_clients},
-                state=RecordDict(),
+                state=RecordDict() if state is None else state,
                 run_config={},
             )
             try:
@@ -101,11 +122,16 @@ class ClientWorker:
             except Exception as exc:  # a failing client is a failed reply, not a crash
                 reason = f"{type(exc).__name__}: {exc}"
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+            training = msg.metadata.message_type == MessageType.TRAIN
+            if training and not reply.has_error() and (state is not None or len(context.state)):
+                new_states[cid] = context.state  # kept by the pool for the client's next task
             if tree is not None:
-                reply, term = self._fold(reply, msg)
+                reply, term = self.fold(reply, msg, chains, cid)
                 tree.add(pos, term)
+            elif training:
+                reply = screened(reply, msg, chains, cid)
             replies.append(reply)
-        return replies if tree is None else (replies, tree.blocks)
+        return PhaseOutput(replies, new_states, None if tree is None else tree.blocks)
 
     def run_packed(
         self,
@@ -116,6 +142,7 @@ class ClientWorker:
         token: int | None = None,
         record: PackedRecord | None = None,
         claims: str | None = None,
+        states: bytes | None = None,
     ) -> bytes | tuple[bytes, list[Block]]:
         """``run`` with the batch and the replies pickled by the caller and here (see
         ``fedsim.engine.transport`` for why).
@@ -126,31 +153,37 @@ class ClientWorker:
 
         The batch refers to the phase's shared ArrayRecord by ``token``; ``record`` (put
         in Ray's object store once for all actors when large) comes only when this
-        worker does not hold that token yet.
+        worker does not hold that token yet. ``states`` are the pickled persistent
+        states of the batch's clients that have one; the replies come back pickled with
+        the states of the clients that trained (``PhaseOutput``).
         """
         if record is not None:
             hold(token, record)  # type: ignore[arg-type]
         items = pickle.loads(batch)
         if claims is not None:  # one pickle per item: unpickle only those taken here
             items = Unpickled(items)
-        result = self.run(run_id, num_clients, items, fold_from, claims)
-        if fold_from is None:
-            return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-        replies, blocks = result
-        return pickle.dumps(replies, protocol=pickle.HIGHEST_PROTOCOL), blocks
+        out = self.run(
+            run_id, num_clients, items, fold_from, claims, pickle.loads(states) if states else None
+        )
+        packed = pickle.dumps((out.replies, out.states), protocol=pickle.HIGHEST_PROTOCOL)
+        return packed if fold_from is None else (packed, out.blocks)  # type: ignore[return-value]
 
     @staticmethod
-    def _fold(reply: Message, msg: Message) -> tuple[Message, Sums | None]:
-        """The reply's term of the weighted sum, and the reply without its arrays."""
-        if reply.has_error():
+    def fold(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Message, Sums | None]:
+        """The reply's term of the weighted sum (its screened update times its weight),
+        and the reply without its arrays (or the error that left it out)."""
+        reply, update = screen(reply, msg, chains, cid)
+        if update is None:
             return reply, None
-        try:
-            arrays, metrics = records(reply.content)
-        except ValueError:
-            arrays = None
-        if arrays is None:
-            reason = f"a training reply needs arrays and a MetricRecord with '{WEIGHT_KEY}'"
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg), None
-        term = leaf(arrays, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
+        _, metrics = records(reply.content)
         reply.content = RecordDict({"metrics": metrics})
-        return reply, term
+        return reply, leaf(update, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
+
+
+class PhaseOutput(NamedTuple):
+    """What a worker returns for one call: replies, the persistent states of the clients
+    that trained and have one, and the partial sums when it pre-folded."""
+
+    replies: list[Message]
+    states: dict[int, RecordDict]
+    blocks: list[Block] | None

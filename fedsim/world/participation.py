@@ -9,7 +9,9 @@ One row ``round,client_id,status`` per client and round, where status is one of
 * ``replied``: its reply arrived in time but was not aggregated;
 * ``dropped``: it vanished mid-round or its training failed;
 * ``late``: its reply arrived after the deadline or after the round closed;
-* ``aggregated``: its reply went into the round's aggregate.
+* ``aggregated``: its reply went into the round's aggregate;
+* ``rejected:<reason>``: an update transform left its reply out (``fedsim.transforms``);
+  the reason has no commas or line breaks.
 
 For populations larger than ``max_full_clients`` only the selected clients get rows
 (a client with no row in a round was offline or online but not selected).
@@ -19,12 +21,23 @@ The log is streamed: rows are written (and flushed) round by round, never kept i
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
-STATUSES = ("offline", "online", "selected", "replied", "dropped", "late", "aggregated")
+STATUSES = (
+    "offline",
+    "online",
+    "selected",
+    "replied",
+    "dropped",
+    "late",
+    "aggregated",
+    "rejected",
+)
+REJECTED = "rejected"
 HEADER = "round,client_id,status"
 OFFLINE, ONLINE = 0, 1
 #: The statuses a selected client can end a round with.
@@ -74,12 +87,14 @@ class ParticipationLog:
         n = self.num_clients
         ids = np.fromiter(outcome.keys(), dtype=np.int64, count=len(outcome))
         codes = np.fromiter(
-            (_CODE[s] if s in OUTCOMES else -1 for s in outcome.values()),
+            (_code(s) for s in outcome.values()),
             dtype=np.int8,
             count=len(outcome),
         )
+        # A rejection carries its reason: its row is written as given.
+        reasons = {c: _clean(s) for c, s in outcome.items() if _code(s) == _CODE[REJECTED]}
         if (codes < 0).any():
-            bad = sorted({str(s) for s in outcome.values() if s not in OUTCOMES})
+            bad = sorted({str(s) for s in outcome.values() if _code(s) < 0})
             raise ValueError(
                 f"round {server_round}: unknown status {bad}; a selected client's status "
                 f"must be one of {list(OUTCOMES)}"
@@ -112,11 +127,14 @@ class ParticipationLog:
             )
             row_codes[ids] = codes
             # object arrays: elementwise str concatenation in numpy's loop
-            lines = (head + self._cid_cols + _STATUS_NL[row_codes]).tolist()
+            tails = _STATUS_NL[row_codes]
+            for c, text in reasons.items():
+                tails[c] = text + "\n"
+            lines = (head + self._cid_cols + tails).tolist()
         else:
             order = np.argsort(ids)
             lines = [
-                f"{head}{cid},{STATUSES[c]}\n"
+                f"{head}{cid},{reasons.get(cid, STATUSES[c])}\n"
                 for cid, c in zip(ids[order].tolist(), codes[order].tolist(), strict=True)
             ]
         self._fh.write("".join(lines))
@@ -144,6 +162,20 @@ class ParticipationLog:
         self.close()
 
 
+def _code(status: str) -> int:
+    if status in OUTCOMES:
+        return _CODE[status]
+    rejected = isinstance(status, str) and status.startswith(REJECTED + ":")
+    return _CODE[REJECTED] if rejected else -1
+
+
+def _clean(status: str) -> str:
+    """A rejection with its reason made safe for one CSV field."""
+    kind, sep, reason = status.partition(":")
+    reason = " ".join(reason.replace(",", ";").split())
+    return f"{kind}{sep}{reason}"
+
+
 def read_participation(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rounds, client_ids, status_codes) of a participation.csv, one entry per row;
     status_codes index into :data:`STATUSES`."""
@@ -158,6 +190,7 @@ def read_participation(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     body = body.replace("\r\n", "\n")
     if not body.endswith("\n"):
         body += "\n"
+    body = re.sub(r",rejected:[^\n]*\n", f",{_CODE[REJECTED]}\n", body)
     for code, name in enumerate(STATUSES):
         body = body.replace(f",{name}\n", f",{code}\n")
     try:

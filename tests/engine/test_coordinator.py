@@ -14,19 +14,29 @@ from fedsim.engine.fold import TreeFold
 from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
 from fedsim.engine.messaging import PhasedGrid, SubsetGrid
 from fedsim.engine.worker import ClientWorker
+from fedsim.transforms import Chains
 
 
 class LocalPool:
     """Runs batches in-process: replies carry ``values[cid]`` (default: the id) as weights."""
 
+    shares_work = False  # fixed batches only
+
     def __init__(
-        self, fail: set[int] | None = None, *, reverse: bool = True, values=None, size: int = 2
+        self,
+        fail: set[int] | None = None,
+        *,
+        reverse: bool = True,
+        values=None,
+        size: int = 2,
+        chains=None,
     ):
         self.size = size
         self.fail = fail or set()
         self.reverse = reverse
         self.values = values or {}
         self.calls: list[list[int]] = []
+        self.chains = chains or Chains()
 
     def submit(self, run_id, num_clients, batches, fold_from=None):
         return (run_id, num_clients, batches, fold_from)
@@ -43,7 +53,7 @@ class LocalPool:
             if fold_from is not None:  # the workers' pre-fold, as ClientWorker.run does it
                 tree = TreeFold()
                 for pos, (cid, msg) in enumerate(batch, start=fold_from[i]):
-                    reply, term = ClientWorker._fold(self._reply(cid, msg), msg)
+                    reply, term = ClientWorker.fold(self._reply(cid, msg), msg, self.chains, cid)
                     tree.add(pos, term)
                     out.append(reply)
                 blocks += tree.blocks

@@ -7,17 +7,37 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsim.engine.fold import TreeFold, array_view, combine, fold_weighted_mean, leaf, sum_dtype
+from fedsim.engine.fold import (
+    TreeFold,
+    array_view,
+    combine,
+    fold_weighted_mean,
+    leaf,
+    sum_dtype,
+    update_of,
+)
 from fedsim.engine.schedule import split_ranges
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+_BASE_RNG = np.random.default_rng(42)
+#: The global model w_t the instructions carry: replies are folded as updates against it.
+BASE = {
+    "w": _BASE_RNG.standard_normal((7, 5)).astype(np.float32),
+    "b": _BASE_RNG.standard_normal(5).astype(np.float32),
+}
+
+
+def _instruction(i: int, base: dict[str, np.ndarray] | None = None) -> Message:
+    base = BASE if base is None else base
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in base.items()})})
+    ins = Message(content, dst_node_id=100 + i, message_type=MessageType.TRAIN)
+    ins.metadata.__dict__["_message_id"] = f"m{i}"
+    return ins
 
 
 def _reply(i: int, w: np.ndarray, b: np.ndarray, n: int, loss: float) -> Message:
@@ -48,7 +68,7 @@ def _cohort(k: int, seed: int = 0) -> list[Message]:
 
 def test_fold_equals_flowers_weighted_aggregate():
     replies = _cohort(9)
-    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=replies[0])
+    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=_instruction(0))
     contents = [r.content for r in replies]
     ref_arrays = aggregate_arrayrecords(contents, "num-examples")
     ref_metrics = aggregate_metricrecords(contents, "num-examples")
@@ -61,8 +81,8 @@ def test_fold_equals_flowers_weighted_aggregate():
             r.content["arrays"][k].numpy().astype(np.float64) * r.content["metrics"]["num-examples"]
             for r in replies
         ) / sum(r.content["metrics"]["num-examples"] for r in replies)
-        # and within a few float32 ulps of the exact mean
-        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-7)
+        # and within a few float32 ulps of the exact mean (the updates' mean plus w_t)
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-6)
     got = folded.content["metrics"]
     # metrics: Flower's arithmetic, in the same order, bit for bit
     assert got["train_loss"] == ref_metrics["train_loss"] and got["hist"] == ref_metrics["hist"]
@@ -80,13 +100,14 @@ def test_fold_keeps_float64_arrays_in_float64():
         )
         for i in range(6)
     ]
-    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=replies[0])
+    base = {k: v.astype(np.float64) for k, v in BASE.items()}
+    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=_instruction(0, base))
     got = folded.content["arrays"]["w"].numpy()
     assert got.dtype == np.float64
     exact = sum(
         r.content["arrays"]["w"].numpy() * r.content["metrics"]["num-examples"] for r in replies
     ) / sum(r.content["metrics"]["num-examples"] for r in replies)
-    np.testing.assert_allclose(got, exact, rtol=1e-14)
+    np.testing.assert_allclose(got, exact, rtol=1e-13, atol=1e-15)  # float64 precision
     assert sum_dtype(np.dtype(np.float16)) == np.float32
     assert sum_dtype(np.dtype(np.int64)) == np.float64
 
@@ -98,7 +119,8 @@ def _terms(replies: list[Message | None]) -> list:
             out.append(None)
         else:
             c = r.content
-            out.append(leaf(c["arrays"], float(c["metrics"]["num-examples"])))
+            update = update_of(c["arrays"], _instruction(0).content["arrays"])
+            out.append(leaf(update, float(c["metrics"]["num-examples"])))
     return out
 
 
@@ -116,7 +138,7 @@ def test_prefolded_ranges_give_the_same_bits_for_any_split(k, workers, missing, 
             replies[i] = None
     if all(r is None for r in replies):
         return
-    whole = fold_weighted_mean(replies, with_arrays=True, reply_to=_cohort(1)[0])
+    whole = fold_weighted_mean(replies, with_arrays=True, reply_to=_instruction(0))
     rng = np.random.default_rng(seed)
     costs = rng.integers(1, 5, size=k).tolist()
     blocks = []
@@ -131,7 +153,7 @@ def test_prefolded_ranges_give_the_same_bits_for_any_split(k, workers, missing, 
         None if r is None else Message(RecordDict({"metrics": r.content["metrics"]}), reply_to=r)
         for r in replies
     ]
-    split = fold_weighted_mean(stripped, with_arrays=True, reply_to=_cohort(1)[0], blocks=blocks)
+    split = fold_weighted_mean(stripped, with_arrays=True, reply_to=_instruction(0), blocks=blocks)
     for key in ("w", "b"):
         assert (
             split.content["arrays"][key].numpy().tobytes()
@@ -195,3 +217,27 @@ def test_float32_tree_error_stays_within_a_few_ulps_at_1000_clients():
     tree_ulps = (np.abs(got - exact) / ulp).max()
     seq_ulps = (np.abs(seq - exact) / ulp).max()
     assert tree_ulps <= 3 and seq_ulps >= 20, (tree_ulps, seq_ulps)
+
+
+def test_the_fold_averages_updates_and_adds_them_to_the_model():
+    # The leaves are n_i * (x_i - w_t): the result is w_t + mean(x_i - w_t), computed so.
+    replies = _cohort(5, seed=2)
+    folded = fold_weighted_mean(replies, with_arrays=True, reply_to=_instruction(0))
+    ns = [r.content["metrics"]["num-examples"] for r in replies]
+    for k in ("w", "b"):
+        deltas = [r.content["arrays"][k].numpy() - BASE[k] for r in replies]
+        tree = TreeFold()
+        for i, (d, n) in enumerate(zip(deltas, ns, strict=True)):
+            tree.add(i, {k: d * np.float32(n)})
+        mean = combine(tree.blocks)[k] / np.float32(sum(ns))
+        expected = (BASE[k] + mean).astype(np.float32)
+        assert folded.content["arrays"][k].numpy().tobytes() == expected.tobytes()
+
+
+def test_update_of_refuses_arrays_that_are_not_the_models():
+    base = _instruction(0).content["arrays"]
+    wrong_shape = ArrayRecord({"w": Array(np.zeros((5, 7), np.float32)), "b": base["b"]})
+    with pytest.raises(ValueError, match="'w' has shape"):
+        update_of(wrong_shape, base)
+    with pytest.raises(ValueError, match=r"missing \['b'\], extra \['c'\]"):
+        update_of(ArrayRecord({"w": base["w"], "c": base["b"]}), base)

@@ -1,0 +1,125 @@
+"""A training reply through the scenario's per-update transforms, before it is folded or
+handed to the strategy: its update ``w - w_t`` is computed against the instruction's
+model, transformed (clipped), or the reply is turned into an error that says why it was
+left out (malformed, or rejected by a transform).
+
+fedsim's workers screen the replies of the clients they run; under Flower's runtime and
+on real SuperNodes the coordinator does it, with the same functions on the same numbers,
+so both give the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedsim.arrays import to_array
+from fedsim.engine.fold import WEIGHT_KEY, Sums, apply_update, array_record, records, update_of
+from fedsim.transforms import Chains, Rejected
+
+if TYPE_CHECKING:
+    from fedsim.engine.coordinator import Replies
+
+#: Error code of a reply that a per-update transform rejected (its reason says why).
+REJECTED = 4000
+REJECTED_PREFIX = "rejected: "
+
+
+def server_round(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    return int(config.get("server-round", 0)) if config is not None else 0  # type: ignore[arg-type]
+
+
+def rejection(reply: Message | None) -> str | None:
+    """The reason a reply was rejected by a transform, if it was."""
+    if reply is None or not reply.has_error() or reply.error.code != REJECTED:
+        return None
+    return reply.error.reason.removeprefix(REJECTED_PREFIX)
+
+
+def _failed(msg: Message, reason: str, code: int) -> Message:
+    return Message(Error(code, reason), reply_to=msg)
+
+
+def screen(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Message, Sums | None]:
+    """(reply, its update after the per-update transforms); for a reply that failed, is
+    malformed or is rejected: an error reply and None."""
+    if reply.has_error():
+        return reply, None
+    try:
+        arrays, metrics = records(reply.content)
+        if arrays is None:
+            raise ValueError("a training reply carries no ArrayRecord")
+        base = array_record(msg.content)
+        if base is None:
+            raise ValueError("the training instruction carries no ArrayRecord")
+        update = update_of(arrays, base)
+    except ValueError as exc:
+        return _failed(msg, f"bad reply: {exc}", ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
+    try:
+        weight = float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
+        update = chains.screen(update, server_round=server_round(msg), cid=cid, weight=weight)
+    except Rejected as exc:
+        return _failed(msg, f"{REJECTED_PREFIX}{exc}", REJECTED), None
+    return reply, update
+
+
+def screened(reply: Message, msg: Message, chains: Chains, cid: int) -> Message:
+    """A reply handed to the strategy whole, through the per-update transforms: it then
+    carries ``w_t`` plus its transformed update. Untouched when there are none."""
+    if not chains.update or reply.has_error():
+        return reply
+    reply, update = screen(reply, msg, chains, cid)
+    if update is None:
+        return reply
+    base = array_record(msg.content)
+    arrays = ArrayRecord({k: to_array(apply_update(base[k], d)) for k, d in update.items()})  # type: ignore[index]
+    content, done = RecordDict(), False
+    for key, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord) and not done:  # the model (see fold.records)
+            rec, done = arrays, True
+        content[key] = rec
+    reply.content = content
+    return reply
+
+
+def screen_replies(replies: Replies, chains: Chains, *, fold: bool) -> list[Sums | None] | None:
+    """Run the per-update transforms at the coordinator, as fedsim's workers would: a
+    rejected or malformed reply becomes an error in ``replies.ordered``. For a folded
+    phase, returns each reply's update (None where it is left out)."""
+    if not fold and not chains.update:
+        return None
+    updates: list[Sums | None] = []
+    for i, (cid, msg, r) in enumerate(
+        zip(replies.cids, replies.msgs, replies.ordered, strict=True)
+    ):
+        update = None
+        if r is not None and fold:
+            r, update = screen(r, msg, chains, cid)
+        elif r is not None:
+            r = screened(r, msg, chains, cid)
+        replies.ordered[i] = r
+        updates.append(update)
+    replies.ok = sum(1 for r in replies.ordered if r is not None and not r.has_error())
+    return updates if fold else None
+
+
+def finish_mean(chains: Chains, server_round: int) -> Callable[[Sums, float], Sums] | None:
+    """The aggregate transforms, for the fold to apply to the mean update."""
+    if not chains.aggregate:
+        return None
+    return lambda mean, weight: chains.finish(mean, server_round=server_round, weight=weight)
+
+
+def finish_model(
+    chains: Chains, server_round: int, before: ArrayRecord, after: ArrayRecord
+) -> ArrayRecord:
+    """A strategy's new model through the aggregate transforms (for strategies shown
+    every reply; a folded mean went through them in the fold)."""
+    if not chains.aggregate:
+        return after
+    update = chains.finish(update_of(after, before), server_round=server_round, weight=1.0)
+    return ArrayRecord({k: to_array(apply_update(before[k], d)) for k, d in update.items()})
