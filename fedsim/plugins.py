@@ -26,10 +26,17 @@ _loaded: set[str] = set()  # entry-point values, module names and resolved file 
 
 
 def load_builtins() -> None:
-    """Import every module registered under the ``fedsim.plugins`` entry-point group."""
+    """Import every module registered under the ``fedsim.plugins`` entry-point group
+    (fedsim's own strategies and client behaviours among them: a source checkout must be
+    installed, ``pip install -e .``, for them to register)."""
     for ep in entry_points(group=GROUP):
         if ep.value not in _loaded:
-            ep.load()
+            try:
+                ep.load()
+            except Exception as exc:  # an installed package's plug-in: name it, no traceback
+                where = f"entry point {GROUP}:{ep.name}"
+                msg = f"plug-in {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
+                raise ScenarioError([(where, msg)]) from None
             _loaded.add(ep.value)
 
 

@@ -27,7 +27,7 @@ from fedsim.plugins import load_builtins, load_plugins
 from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 from fedsim.strategy_params import STRATEGIES, StrategyParams
-from fedsim.transforms import TRANSFORMS
+from fedsim.transforms import TRANSFORMS, AggregateTransform, UpdateTransform
 from fedsim.world.config import ChurnSection, CoordinatorSection, SystemSection
 
 
@@ -173,6 +173,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     serve as several arms of an experiment; keys set on the command line are kept."""
     switched: dict[tuple[str, ...], Any] = {}
     set_keys: set[tuple[str, ...]] = set()
+    _load_plugins_of(raw)  # a variant the file names may come from one of its plug-ins
     for item in overrides:
         parts, value = parse_override(item)
         cur = raw
@@ -305,6 +306,14 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
             ("simulation.client_resources.gpus", "must be a fraction <= 1 or a whole number")
         )
     problems += _check_world(scn)
+    for i, t in enumerate(scn.transforms):
+        if not isinstance(t, UpdateTransform | AggregateTransform):
+            problems.append(
+                (
+                    f"transforms[{i}]",
+                    f"'{t.kind}' is neither an UpdateTransform nor an AggregateTransform",
+                )
+            )
     if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
         problems.append(
             (

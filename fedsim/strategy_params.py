@@ -29,6 +29,11 @@ class StrategyParams(Section):
     # rules (median, trimmed mean, Krum family) and for q-FedAvg; a plug-in strategy
     # that does not say is shown every reply.
     weighted_mean: ClassVar[bool] = False
+    # Whether the strategy's training never depends on its own evaluation results, so
+    # fedsim's engine may send round r + 1's training ahead of round r's evaluation
+    # (configure_train(r + 1) then comes before aggregate_evaluate(r)). True for every
+    # Flower strategy; a plug-in that does not say gets the plain order.
+    overlaps_evaluation: ClassVar[bool] = False
 
     name: str = Field(description="Registered name of the aggregation strategy.")
     clients_per_round: int | None = Field(

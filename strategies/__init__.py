@@ -14,7 +14,7 @@ from fedsim.registry import Variants
 
 from .adaptive import FedAdagradParams, FedAdamParams, FedYogiParams
 from .averaging import FedAvgMParams, FedAvgParams, FedProxParams, QFedAvgParams
-from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, StrategyParams
+from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, FlowerStrategyParams, StrategyParams
 from .robust import (
     BulyanParams,
     FedMedianParams,
@@ -38,6 +38,7 @@ __all__ = [
     "FedProxParams",
     "FedTrimmedAvgParams",
     "FedYogiParams",
+    "FlowerStrategyParams",
     "KrumParams",
     "MultiKrumParams",
     "QFedAvgParams",

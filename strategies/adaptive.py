@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi, Strategy
 from pydantic import Field
 
-from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, StrategyParams
+from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, FlowerStrategyParams
 
 
 def _eta(default: float) -> Any:
@@ -62,7 +62,7 @@ def _tau(default: float) -> Any:
 
 
 @STRATEGIES.register("fedadam")
-class FedAdamParams(StrategyParams):
+class FedAdamParams(FlowerStrategyParams):
     """FedAdam (Reddi et al. 2021, arXiv:2003.00295): Adam on the server."""
 
     weighted_mean: ClassVar[bool] = True
@@ -86,7 +86,7 @@ class FedAdamParams(StrategyParams):
 
 
 @STRATEGIES.register("fedyogi")
-class FedYogiParams(StrategyParams):
+class FedYogiParams(FlowerStrategyParams):
     """FedYogi (Reddi et al. 2021, arXiv:2003.00295): Yogi on the server."""
 
     weighted_mean: ClassVar[bool] = True
@@ -110,7 +110,7 @@ class FedYogiParams(StrategyParams):
 
 
 @STRATEGIES.register("fedadagrad")
-class FedAdagradParams(StrategyParams):
+class FedAdagradParams(FlowerStrategyParams):
     """FedAdagrad (Reddi et al. 2021, arXiv:2003.00295): Adagrad on the server."""
 
     weighted_mean: ClassVar[bool] = True

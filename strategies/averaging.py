@@ -24,11 +24,11 @@ from typing import ClassVar, Literal
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, QFedAvg, Strategy
 from pydantic import Field
 
-from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, StrategyParams
+from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, FlowerStrategyParams
 
 
 @STRATEGIES.register("fedavg")
-class FedAvgParams(StrategyParams):
+class FedAvgParams(FlowerStrategyParams):
     """FedAvg (McMahan et al. 2017, arXiv:1602.05629).
 
     The new global model is the mean of the clients' models weighted by their number
@@ -44,7 +44,7 @@ class FedAvgParams(StrategyParams):
 
 
 @STRATEGIES.register("fedavgm")
-class FedAvgMParams(StrategyParams):
+class FedAvgMParams(FlowerStrategyParams):
     """FedAvgM (Hsu et al. 2019, arXiv:1909.06335): FedAvg plus server momentum.
 
     With pseudo-gradient g_t = w_t - avg_k(w_{t+1}^k): v_t = beta v_{t-1} + g_t (v_1 = g_1),
@@ -75,7 +75,7 @@ class FedAvgMParams(StrategyParams):
 
 
 @STRATEGIES.register("fedprox")
-class FedProxParams(StrategyParams):
+class FedProxParams(FlowerStrategyParams):
     """FedProx (Li et al. 2020, arXiv:1812.06127).
 
     Server side identical to FedAvg; each client minimises
@@ -97,7 +97,7 @@ class FedProxParams(StrategyParams):
 
 
 @STRATEGIES.register("qfedavg")
-class QFedAvgParams(StrategyParams):
+class QFedAvgParams(FlowerStrategyParams):
     """q-FedAvg (Li et al. 2020, "Fair Resource Allocation in FL", arXiv:1905.10497).
 
     With L = 1 / client learning rate, Delta w_k = L (w_t - w_k),

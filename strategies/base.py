@@ -17,7 +17,7 @@ never trigger, so it returns exactly one message per shown node.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from fedsim.strategy_params import STRATEGIES, StrategyParams
 
@@ -33,4 +33,11 @@ SAMPLE_ALL_SHOWN_NODES: MappingProxyType[str, Any] = MappingProxyType(
 )
 
 
-__all__ = ["SAMPLE_ALL_SHOWN_NODES", "STRATEGIES", "StrategyParams"]
+class FlowerStrategyParams(StrategyParams):
+    """Base of the built-in strategies: Flower's own, none of which reads its evaluation
+    results when it trains, so evaluation may overlap the next round's training."""
+
+    overlaps_evaluation: ClassVar[bool] = True
+
+
+__all__ = ["SAMPLE_ALL_SHOWN_NODES", "STRATEGIES", "FlowerStrategyParams", "StrategyParams"]

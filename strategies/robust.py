@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from pydantic import Field
 
-from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, StrategyParams
+from .base import SAMPLE_ALL_SHOWN_NODES, STRATEGIES, FlowerStrategyParams
 
 _F_DESCRIPTION = "Number f of Byzantine (malicious) clients the rule must tolerate per round."
 
@@ -45,7 +45,7 @@ def _krum_problems(*, name: str, f: int, cohort_size: int) -> list[tuple[str, st
 
 
 @STRATEGIES.register("fedmedian")
-class FedMedianParams(StrategyParams):
+class FedMedianParams(FlowerStrategyParams):
     """Coordinate-wise median (Yin et al. 2018, arXiv:1803.01498).
 
     Each coordinate of the new model is the (unweighted) median of that coordinate over
@@ -61,7 +61,7 @@ class FedMedianParams(StrategyParams):
 
 
 @STRATEGIES.register("fedtrimmedavg")
-class FedTrimmedAvgParams(StrategyParams):
+class FedTrimmedAvgParams(FlowerStrategyParams):
     """Coordinate-wise trimmed mean (Yin et al. 2018, arXiv:1803.01498).
 
     For each coordinate, drop the floor(beta n) largest and floor(beta n) smallest client
@@ -85,7 +85,7 @@ class FedTrimmedAvgParams(StrategyParams):
 
 
 @STRATEGIES.register("krum")
-class KrumParams(StrategyParams):
+class KrumParams(FlowerStrategyParams):
     """Krum (Blanchard et al. 2017, arXiv:1703.02757).
 
     Scores each client model by the sum of squared distances to its n - f - 2 nearest
@@ -107,7 +107,7 @@ class KrumParams(StrategyParams):
 
 
 @STRATEGIES.register("multikrum")
-class MultiKrumParams(StrategyParams):
+class MultiKrumParams(FlowerStrategyParams):
     """Multi-Krum (Blanchard et al. 2017, arXiv:1703.02757).
 
     Scores client models as Krum does and returns the "num-examples"-weighted mean of the
@@ -150,7 +150,7 @@ class MultiKrumParams(StrategyParams):
 
 
 @STRATEGIES.register("bulyan")
-class BulyanParams(StrategyParams):
+class BulyanParams(FlowerStrategyParams):
     """Bulyan (El Mhamdi et al. 2018, arXiv:1802.07927).
 
     Selects theta = n - 2f models by Krum score, then for each coordinate averages the

@@ -249,3 +249,17 @@ def test_schema_lists_a_plugins_registrations(behave_plugin):
         env=env,
     )
     assert '"lazy"' not in plain.stdout and '"sgd"' in plain.stdout
+
+
+def test_switching_a_table_under_a_plugin_variant_drops_its_keys(in_repo):
+    # data.dataset comes from the plug-in; switching its partitioner drops alpha.
+    scn = load_scenario(EXAMPLE, ["data.partition.kind=iid"])
+    assert scn.data.dataset == "breast_cancer" and scn.data.partition.kind == "iid"
+
+
+def test_plugin_strategies_overlap_evaluation_only_when_they_say_so():
+    from fedsim.strategy_params import StrategyParams
+    from strategies import FedAvgParams
+
+    assert StrategyParams.overlaps_evaluation is False  # a plug-in that does not say
+    assert FedAvgParams.overlaps_evaluation is True

@@ -62,6 +62,8 @@ class ServerLrParams(StrategyParams):
     # The aggregate uses the replies only through their weighted mean: fedsim's workers
     # may pre-fold it, and the strategy is handed that mean as one reply.
     weighted_mean: ClassVar[bool] = True
+    # Its training never reads its evaluation results: evaluation may overlap training.
+    overlaps_evaluation: ClassVar[bool] = True
 
     name: Literal["fedavg_slr"] = Field("fedavg_slr", description="FedAvg with a server lr.")
     server_lr: float = Field(1.0, gt=0, description="Server learning rate eta_g.")

@@ -242,14 +242,10 @@ class Coordinator:
         by_id = {r.metadata.reply_to_message_id: r for r in replies}
         ordered = [by_id.get(m.metadata.message_id) for m in msgs]
         errors = [r for r in replies if r.has_error() and rejection(r) is None]
-        ok = len(replies) - len(errors)
-        ok -= sum(1 for r in replies if rejection(r) is not None)
-        rejected = any(rejection(r) is not None for r in replies)
-        if msgs and ok == 0 and not rejected and len(msgs) > sent.expected_failures:
-            reason = errors[0].error.reason if errors else "no replies before the timeout"
-            raise AllClientsFailed(
-                f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
-            )
+        ok = sum(1 for r in replies if not r.has_error())
+        cids = [self._directory.client_of(m.metadata.dst_node_id) for m in msgs]
+        out = Replies(cids, msgs, ordered, ok, blocks, sent.expected_failures)
+        self.check_failures(out, phase, server_round)
         if len(errors) > sent.expected_failures:
             log.warning(
                 "round %d %s: %d client(s) failed, e.g. %s",
@@ -258,8 +254,23 @@ class Coordinator:
                 len(errors),
                 errors[0].error.reason.strip().splitlines()[-1:],
             )
-        cids = [self._directory.client_of(m.metadata.dst_node_id) for m in msgs]
-        return Replies(cids, msgs, ordered, ok, blocks, sent.expected_failures)
+        return out
+
+    @staticmethod
+    def check_failures(replies: Replies, phase: str, server_round: int) -> None:
+        """Raise AllClientsFailed when no client of a phase succeeded and more failed for
+        real than the plan said would drop out (rejections by a transform are not
+        failures: a round whose every update was rejected is skipped, not an error)."""
+        msgs = replies.msgs
+        rejected = sum(1 for r in replies.ordered if rejection(r) is not None)
+        real = len(msgs) - replies.ok - rejected
+        if msgs and replies.ok == 0 and real > replies.expected_failures:
+            errors = [r for r in replies.ordered if r is not None and r.has_error()]
+            errors = [r for r in errors if rejection(r) is None]
+            reason = errors[0].error.reason if errors else "no replies before the timeout"
+            raise AllClientsFailed(
+                f"round {server_round}: all {len(msgs)} clients failed in {phase}: {reason}"
+            )
 
     @property
     def grid_screens(self) -> bool:
@@ -289,12 +300,13 @@ class Coordinator:
                     nxt = self._begin_or_error(r + 1)
                 for stage in tail:
                     rnd.sent[stage.name] = stage.send(self, rnd)
-                if behind is not None:
-                    self._close(behind, tail, result)
+                if behind is not None:  # (cleared first: a failed close is not retried)
+                    done, behind = behind, None
+                    self._close(done, tail, result)
                 behind = rnd
                 if not ahead or r == self.rounds:
-                    self._close(rnd, tail, result)
-                    behind = None
+                    done, behind = behind, None
+                    self._close(done, tail, result)
         except Exception:
             # A round that trained before the error still gets its last stages and its
             # record, as it would have without the overlap.

@@ -194,8 +194,11 @@ class WorkerPool:
         pending = self._pending([items], claims=path)
         packed = pack_batch(items, pending.record, pending.token, each=True)
         if items:
+            self._attach_states(pending, 0, items)
+            for i in range(1, self.size):  # every actor may take any client: the same states
+                if 0 in pending.states:
+                    pending.states[i] = pending.states[0]
             for i in range(self.size):
-                self._attach_states(pending, i, items)
                 self._call(pending, i, [run_id, num_clients, packed, None])
         return pending
 
@@ -245,8 +248,12 @@ class WorkerPool:
                 packed, got_blocks = (got, None) if fold_from is None else got
                 got_replies, got_states = pickle.loads(packed)
             except ray.exceptions.RayError as exc:
-                # The actor died (e.g. out of memory): its clients fail this phase.
+                # The actor died (e.g. out of memory), or its call raised: its clients
+                # fail this phase, and a live actor is killed so its CPUs come back for
+                # the replacement.
                 failure = f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                with contextlib.suppress(Exception):
+                    ray.kill(self.actors[i])
                 if pending.claims is None:
                     replies.extend(
                         Message(Error(ErrorCode.CLIENT_APP_CRASHED, failure), reply_to=m)

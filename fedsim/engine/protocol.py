@@ -163,9 +163,10 @@ class TrainStage(Stage):
         if replies is not None:
             # Workers that pre-fold (or screen) have run the per-update transforms;
             # otherwise they run here, on the same numbers.
-            updates = (
-                None if co.grid_screens else screen_replies(replies, co.chains, fold=co.fold_train)
-            )
+            updates = None
+            if not co.grid_screens:  # a malformed reply fails here as it would in a worker
+                updates = screen_replies(replies, co.chains, fold=co.fold_train)
+                co.check_failures(replies, "train", rnd.number)
             if co.fold_train:
                 folded = fold_weighted_mean(
                     replies.ordered,
@@ -202,7 +203,8 @@ class TrainStage(Stage):
         else:
             new_arrays, metrics = co.strategy.aggregate_train(rnd.number, to_strategy)
             if new_arrays is not None and not co.fold_train:  # (a folded mean: done)
-                new_arrays = finish_model(co.chains, rnd.number, rnd.arrays, new_arrays)
+                weight = sum(num_examples(r) for r in to_strategy if not r.has_error())
+                new_arrays = finish_model(co.chains, rnd.number, rnd.arrays, new_arrays, weight)
             if new_arrays is not None:
                 rnd.arrays = new_arrays
         if rnd.plan is not None:

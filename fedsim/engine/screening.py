@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.arrays import to_array
@@ -59,12 +60,31 @@ def screen(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Mess
         update = update_of(arrays, base)
     except ValueError as exc:
         return _failed(msg, f"bad reply: {exc}", ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
+    if not chains.update:
+        return reply, update
+    # Transforms see the floating arrays only: an integer buffer (BatchNorm's batch count)
+    # is no part of an update's norm.
+    floats = {k: d for k, d in update.items() if _floating(base[k])}
     try:
         weight = float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
-        update = chains.screen(update, server_round=server_round(msg), cid=cid, weight=weight)
+        floats = chains.screen(floats, server_round=server_round(msg), cid=cid, weight=weight)
     except Rejected as exc:
         return _failed(msg, f"{REJECTED_PREFIX}{exc}", REJECTED), None
+    except Exception as exc:  # a broken transform fails its client, not the run
+        reason = f"update transform failed: {type(exc).__name__}: {exc}"
+        return _failed(msg, reason, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
+    seen: set[int] = set()
+    for k, d in floats.items():
+        # The fold adds into these in place: never into a read-only or shared array.
+        if not d.flags.writeable or id(d) in seen:
+            d = np.array(d, dtype=update[k].dtype)
+        seen.add(id(d))
+        update[k] = d
     return reply, update
+
+
+def _floating(arr: Array) -> bool:
+    return np.issubdtype(np.dtype(arr.dtype), np.floating)
 
 
 def screened(reply: Message, msg: Message, chains: Chains, cid: int) -> Message:
@@ -115,11 +135,12 @@ def finish_mean(chains: Chains, server_round: int) -> Callable[[Sums, float], Su
 
 
 def finish_model(
-    chains: Chains, server_round: int, before: ArrayRecord, after: ArrayRecord
+    chains: Chains, server_round: int, before: ArrayRecord, after: ArrayRecord, weight: float
 ) -> ArrayRecord:
     """A strategy's new model through the aggregate transforms (for strategies shown
-    every reply; a folded mean went through them in the fold)."""
+    every reply; a folded mean went through them in the fold). ``weight``: the total
+    examples of the replies it aggregated, as the fold passes."""
     if not chains.aggregate:
         return after
-    update = chains.finish(update_of(after, before), server_round=server_round, weight=1.0)
+    update = chains.finish(update_of(after, before), server_round=server_round, weight=weight)
     return ArrayRecord({k: to_array(apply_update(before[k], d)) for k, d in update.items()})

@@ -84,9 +84,7 @@ def build_coordinator(
         world=world,
         policy=scn.coordinator,
         on_participation=on_participation,
-        # Every registered strategy is one of Flower's, whose configure_train does not
-        # depend on the evaluation of the round before.
-        lookahead=True,
+        lookahead=type(s).overlaps_evaluation,
         chains=Chains.of(scn.transforms, seed=scn.run.seed),
     )
 

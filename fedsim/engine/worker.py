@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDi
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.claims import claimed
-from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, leaf, records
+from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, array_record, leaf, records
 from fedsim.engine.screening import screen, screened
 from fedsim.engine.transport import PackedRecord, Unpickled, hold
 from fedsim.transforms import Chains
@@ -171,12 +171,14 @@ class ClientWorker:
     @staticmethod
     def fold(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Message, Sums | None]:
         """The reply's term of the weighted sum (its screened update times its weight),
-        and the reply without its arrays (or the error that left it out)."""
+        and the reply without its model arrays (or the error that left it out)."""
         reply, update = screen(reply, msg, chains, cid)
         if update is None:
             return reply, None
         _, metrics = records(reply.content)
-        reply.content = RecordDict({"metrics": metrics})
+        # Only the model arrays are folded away; any other record stays with the reply.
+        model = array_record(reply.content)
+        reply.content = RecordDict({k: r for k, r in reply.content.items() if r is not model})
         return reply, leaf(update, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
 
 

@@ -285,3 +285,51 @@ def test_a_round_that_fails_in_training_leaves_the_round_before_recorded():
         with pytest.raises(AllClientsFailed, match="round 2"):
             _lookahead_run(lookahead, [], seen=seen, pool=FailsInRound(2))
         assert [r["round"] for r in seen] == [1]
+
+
+def test_a_round_whose_closing_fails_is_not_closed_twice():
+    # The centralized evaluation of round 2 raises: that is the error, and round 2 is not
+    # evaluated again on the way out (round 3, trained ahead, is closed once).
+    for lookahead in (True, False):
+        calls: list[int] = []
+
+        def evaluate(rnd, arrays, calls=calls):
+            calls.append(rnd)
+            if rnd == 2:
+                raise RuntimeError("central evaluation broke")
+            return MetricRecord({"eval_loss": 0.0})
+
+        c = Coordinator(
+            fold_train=True,
+            strategy=CallOrder([], None),
+            initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
+            num_clients=12,
+            rounds=3,
+            train_cohort=5,
+            eval_cohort=3,
+            seed=4,
+            evaluate_fn=evaluate,
+            lookahead=lookahead,
+        )
+        with pytest.raises(RuntimeError, match="central evaluation broke"):
+            c.run(RayGrid(LocalPool(), num_clients=12))
+        assert calls.count(2) == 1, (lookahead, calls)
+
+
+class Malformed(LocalPool):
+    """Every reply carries an array the model does not have."""
+
+    def _reply(self, cid, msg):
+        reply = super()._reply(cid, msg)
+        if not reply.has_error() and "arrays" in reply.content:
+            reply.content["arrays"] = ArrayRecord({"v": Array(np.zeros(1, np.float32))})
+        return reply
+
+
+@pytest.mark.parametrize("grid", [RayGrid, PlainGrid])
+def test_malformed_replies_fail_their_clients_the_same_way_on_every_grid(grid):
+    # Folded in a worker (RayGrid) or at the coordinator (PlainGrid, as under Flower's
+    # runtime): a reply whose arrays are not the model's is a failed client, and a phase
+    # of nothing else is an error, never a model.
+    with pytest.raises(AllClientsFailed, match="bad reply: reply arrays differ"):
+        _coordinator(num_clients=4, cohort=4, fold=True).run(grid(Malformed(), num_clients=4))

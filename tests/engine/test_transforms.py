@@ -20,11 +20,20 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedsim.engine.fold import leaf
 from fedsim.engine.screening import REJECTED, rejection, screen, screened
 from fedsim.results import read_metrics, without_timing
 from fedsim.runner import execute
 from fedsim.scenario import load_scenario
-from fedsim.transforms import Chains, ClipNorm, NormBound, Rejected, UpdateContext, l2_norm
+from fedsim.transforms import (
+    Chains,
+    ClipNorm,
+    NormBound,
+    Rejected,
+    UpdateContext,
+    UpdateTransform,
+    l2_norm,
+)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -156,3 +165,74 @@ def test_transforms_run_on_both_engines_with_the_same_model(tmp_path, ray_cluste
     assert all(r["clients_aggregated"] > 0 for r in records)
     assert (b / "participation.csv").read_text() == (a / "participation.csv").read_text()
     assert all(math.isfinite(r["eval_loss"]) for r in records)
+
+
+class Broken(UpdateTransform):
+    kind: str = "broken"
+
+    def apply(self, update, ctx):
+        raise KeyError("no such thing")
+
+
+class Frozen(UpdateTransform):
+    """Returns read-only arrays, the same object twice."""
+
+    kind: str = "frozen"
+
+    def apply(self, update, ctx):
+        shared = np.zeros(2, np.float32)
+        shared.flags.writeable = False
+        return {k: shared for k in update}
+
+
+def _two_array_instruction():
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(
+                {"w": Array(np.ones(2, np.float32)), "steps": Array(np.array([5], np.int64))}
+            ),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
+    msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m"
+    return msg
+
+
+def _two_array_reply(msg, w, steps):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(w), "steps": Array(np.array([steps], np.int64))}),
+            "metrics": MetricRecord({"num-examples": 2}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def test_a_transform_that_raises_fails_its_client_not_the_run():
+    msg = _two_array_instruction()
+    reply, update = screen(
+        _two_array_reply(msg, np.ones(2, np.float32), 5), msg, Chains(update=(Broken(),)), 1
+    )
+    assert update is None and "update transform failed: KeyError" in reply.error.reason
+
+
+def test_the_fold_never_writes_into_a_transforms_read_only_or_shared_arrays():
+    msg = _two_array_instruction()
+    reply, update = screen(
+        _two_array_reply(msg, np.ones(2, np.float32), 5), msg, Chains(update=(Frozen(),)), 1
+    )
+    assert all(a.flags.writeable for a in update.values())
+    leaf(update, 3.0)  # in place: would raise on a read-only array
+
+
+def test_transforms_see_only_floating_arrays():
+    # A batch counter moving by 1000 is no part of the update's norm.
+    msg = _two_array_instruction()
+    reply, update = screen(
+        _two_array_reply(msg, np.array([1.6, 1.8], np.float32), 1005),
+        msg,
+        Chains(update=(NormBound(max_norm=1.0),)),
+        1,
+    )
+    assert rejection(reply) is None and update["steps"].tolist() == [1000.0]
