@@ -14,13 +14,13 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.behaviour import Behaviour, ClientTask
 from clients.training import pick_device
 from fedsim.arrays import to_array, torch_state
-from fedsim.client_params import DROPOUT_KEY
+from fedsim.client_params import DROPOUT_KEY, instruction_config, round_of
 from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
 from fedsim.rng import torch_generator
@@ -96,8 +96,8 @@ def build_client_app(spec_json: str) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         env = _env(spec_json)
         cid = _client_id(context)
-        config = msg.content.config_records.get("config", ConfigRecord())
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        config = instruction_config(msg)
+        server_round = round_of(config)
         if config.get(DROPOUT_KEY):
             raise SimulatedDropout(
                 f"client {cid} dropped out in round {server_round} (churn.dropout)"
@@ -130,10 +130,10 @@ def build_client_app(spec_json: str) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         env = _env(spec_json)
         cid = _client_id(context)
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = instruction_config(msg)
         _load_arrays(env, msg)
         x, y = env.federation.test_data(cid)
-        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        server_round = round_of(config)
         # Evaluation reads the client's state but keeps no change to it: fedsim's engine
         # queues a round's evaluation behind the next round's training, so only training
         # may write it (the same on every engine).

@@ -10,6 +10,7 @@ counts ``epochs`` and ``batch_size``; q-FedAvg needs ``lr``).
 
 from __future__ import annotations
 
+from flwr.app import ConfigRecord, Message
 from pydantic import Field
 
 from fedsim.registry import Registry
@@ -35,5 +36,16 @@ class ClientParams(Section):
 # Config keys the coordinator adds to a client's training instruction from its plan.
 MAX_STEPS_KEY = "max-steps"  # a straggler's partial local work
 DROPOUT_KEY = "fedsim-dropout"  # the plan has this client drop out: its ClientApp raises
+
+
+def instruction_config(msg: Message) -> ConfigRecord:
+    """The ConfigRecord of a client's instruction (empty if it has none)."""
+    return msg.content.config_records.get("config", ConfigRecord())
+
+
+def round_of(config: ConfigRecord) -> int:
+    """The round an instruction's config belongs to (0 if it does not say)."""
+    return int(config.get("server-round", 0))  # type: ignore[arg-type]
+
 
 CLIENTS: Registry[type[ClientParams]] = Registry("client behaviour", key="behaviour", default="sgd")

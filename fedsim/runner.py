@@ -79,6 +79,19 @@ class Prepared:
     model_parameters: int
 
 
+def build_world(scn: Scenario, train_sizes: np.ndarray) -> World:
+    """The scenario's simulated world (churn, system heterogeneity, the virtual clock)
+    for clients holding ``train_sizes[cid]`` training examples."""
+    return World(
+        scn.churn,
+        scn.system,
+        scn.client,
+        num_clients=scn.num_clients,
+        seed=scn.run.seed,
+        train_sizes=lambda cids: train_sizes[cids],
+    )
+
+
 def prepare(scn: Scenario) -> Prepared:
     """Load the data, build the simulated world and the model once: catches what only
     real data and files reveal. Raises ScenarioError.
@@ -86,14 +99,7 @@ def prepare(scn: Scenario) -> Prepared:
     fed = load_federation(scn.data, seed=scn.run.seed)
     sizes = fed.train_sizes()
     # Reads trace and profile files: a bad one is a ScenarioError before anything runs.
-    world = World(
-        scn.churn,
-        scn.system,
-        scn.client,
-        num_clients=scn.num_clients,
-        seed=scn.run.seed,
-        train_sizes=lambda cids: sizes[cids],
-    )
+    world = build_world(scn, sizes)
     try:
         model = build_model(
             scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed

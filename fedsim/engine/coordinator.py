@@ -242,9 +242,8 @@ class Coordinator:
         by_id = {r.metadata.reply_to_message_id: r for r in replies}
         ordered = [by_id.get(m.metadata.message_id) for m in msgs]
         errors = [r for r in replies if r.has_error() and rejection(r) is None]
-        ok = sum(1 for r in replies if not r.has_error())
         cids = [self._directory.client_of(m.metadata.dst_node_id) for m in msgs]
-        out = Replies(cids, msgs, ordered, ok, blocks, sent.expected_failures)
+        out = Replies(cids, msgs, ordered, blocks, sent.expected_failures)
         self.check_failures(out, phase, server_round)
         if len(errors) > sent.expected_failures:
             log.warning(
@@ -393,9 +392,13 @@ class Replies:
     cids: list[int]
     msgs: list[Message]  # the instructions
     ordered: list[Message | None]  # the reply to each (None: none came)
-    ok: int  # replies without an error
     blocks: list[Block] | None  # partial sums, when the workers pre-folded the arrays
     expected_failures: int  # planned dropouts among them
+
+    @property
+    def ok(self) -> int:
+        """Replies without an error."""
+        return sum(1 for r in self.ordered if r is not None and not r.has_error())
 
     @property
     def failed(self) -> int:

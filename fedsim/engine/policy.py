@@ -17,7 +17,6 @@ import numpy as np
 from fedsim.world.system import Timing
 
 AGGREGATED, REPLIED, DROPPED, LATE = "aggregated", "replied", "dropped", "late"
-REJECTED = "rejected"  # participation status "rejected:<reason>" (a per-update transform)
 
 
 @dataclass

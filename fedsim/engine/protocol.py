@@ -29,12 +29,12 @@ from fedsim.engine.policy import (
     AGGREGATED,
     DROPPED,
     LATE,
-    REJECTED,
     REPLIED,
     RoundPlan,
     select_count,
 )
 from fedsim.engine.screening import finish_mean, finish_model, rejection, screen_replies
+from fedsim.world.participation import REJECTED
 
 if TYPE_CHECKING:
     from fedsim.engine.coordinator import Coordinator, Replies, Sent

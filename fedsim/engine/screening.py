@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedsim.arrays import to_array
+from fedsim.client_params import instruction_config, round_of
 from fedsim.engine.fold import WEIGHT_KEY, Sums, apply_update, array_record, records, update_of
 from fedsim.transforms import Chains, Rejected
 
@@ -27,11 +28,6 @@ if TYPE_CHECKING:
 #: Error code of a reply that a per-update transform rejected (its reason says why).
 REJECTED = 4000
 REJECTED_PREFIX = "rejected: "
-
-
-def server_round(msg: Message) -> int:
-    config = msg.content.config_records.get("config")
-    return int(config.get("server-round", 0)) if config is not None else 0  # type: ignore[arg-type]
 
 
 def rejection(reply: Message | None) -> str | None:
@@ -67,7 +63,9 @@ def screen(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Mess
     floats = {k: d for k, d in update.items() if _floating(base[k])}
     try:
         weight = float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
-        floats = chains.screen(floats, server_round=server_round(msg), cid=cid, weight=weight)
+        floats = chains.screen(
+            floats, server_round=round_of(instruction_config(msg)), cid=cid, weight=weight
+        )
     except Rejected as exc:
         return _failed(msg, f"{REJECTED_PREFIX}{exc}", REJECTED), None
     except Exception as exc:  # a broken transform fails its client, not the run
@@ -123,7 +121,6 @@ def screen_replies(replies: Replies, chains: Chains, *, fold: bool) -> list[Sums
             r = screened(r, msg, chains, cid)
         replies.ordered[i] = r
         updates.append(update)
-    replies.ok = sum(1 for r in replies.ordered if r is not None and not r.has_error())
     return updates if fold else None
 
 

@@ -16,8 +16,8 @@ from fedsim.engine.grid import RayGrid
 from fedsim.engine.policy import AGGREGATED, DROPPED, LATE, REPLIED, plan_round
 from fedsim.errors import ScenarioError
 from fedsim.results import read_metrics, without_timing
+from fedsim.runner import build_world
 from fedsim.scenario import load_scenario
-from fedsim.world import World
 from fedsim.world.participation import STATUSES, read_participation
 from fedsim.world.system import Timing
 
@@ -78,15 +78,7 @@ def test_dropouts_fail_when_they_would_have_arrived_and_min_replies_skips():
 
 def _world(overrides, num_clients=20):
     scn = load_scenario(None, [f"data.num_clients={num_clients}", *overrides])
-    world = World(
-        scn.churn,
-        scn.system,
-        scn.client,
-        num_clients=scn.num_clients,
-        seed=scn.run.seed,
-        train_sizes=lambda cids: np.full(len(cids), 50),
-    )
-    return scn, world
+    return scn, build_world(scn, np.full(num_clients, 50))
 
 
 def _coordinator(scn, world, rounds, cohort, log):

@@ -211,7 +211,11 @@ class CallOrder(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
 
-def _lookahead_run(lookahead, log, fail_round=None, seen=None, pool=None):
+def _w_as_loss(rnd, arrays):
+    return MetricRecord({"eval_loss": float(arrays["w"].numpy()[0])})
+
+
+def _lookahead_run(lookahead, log, fail_round=None, seen=None, pool=None, evaluate_fn=_w_as_loss):
     c = Coordinator(
         fold_train=True,
         strategy=CallOrder(log, fail_round),
@@ -221,7 +225,7 @@ def _lookahead_run(lookahead, log, fail_round=None, seen=None, pool=None):
         train_cohort=5,
         eval_cohort=3,
         seed=4,
-        evaluate_fn=lambda rnd, arrays: MetricRecord({"eval_loss": float(arrays["w"].numpy()[0])}),
+        evaluate_fn=evaluate_fn,
         on_round=None if seen is None else seen.append,
         lookahead=lookahead,
     )
@@ -299,20 +303,8 @@ def test_a_round_whose_closing_fails_is_not_closed_twice():
                 raise RuntimeError("central evaluation broke")
             return MetricRecord({"eval_loss": 0.0})
 
-        c = Coordinator(
-            fold_train=True,
-            strategy=CallOrder([], None),
-            initial_arrays=ArrayRecord({"w": Array(np.zeros(1, np.float32))}),
-            num_clients=12,
-            rounds=3,
-            train_cohort=5,
-            eval_cohort=3,
-            seed=4,
-            evaluate_fn=evaluate,
-            lookahead=lookahead,
-        )
         with pytest.raises(RuntimeError, match="central evaluation broke"):
-            c.run(RayGrid(LocalPool(), num_clients=12))
+            _lookahead_run(lookahead, [], evaluate_fn=evaluate)
         assert calls.count(2) == 1, (lookahead, calls)
 
 
