@@ -13,6 +13,7 @@ import copy
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,10 +21,11 @@ from flwr.clientapp import ClientApp
 from clients.behaviour import Behaviour, ClientTask
 from clients.training import pick_device
 from fedsim.arrays import to_array, torch_state
+from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, instruction_config, round_of
 from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
-from fedsim.rng import torch_generator
+from fedsim.rng import np_rng, torch_generator
 from fedsim.scenario import Scenario, scenario_from_json
 
 PARTITION_ID = "partition-id"
@@ -36,6 +38,7 @@ class _Env:
     model: torch.nn.Module
     device: torch.device
     behaviour: Behaviour  # the scenario's [client] table, a registered behaviour
+    attackers: frozenset[int]  # clients that run the scenario's local [attack]
     last_record: ArrayRecord | None = None
     last_state: dict[str, torch.Tensor] | None = None
     holds: ArrayRecord | None = None  # the record env.model's weights equal, if unchanged
@@ -55,7 +58,11 @@ def _env(spec_json: str) -> _Env:
         raise TypeError(
             f"client behaviour '{scn.client.behaviour}' is not a clients.behaviour.Behaviour"
         )
-    return _Env(scn, fed, model.to(device), device, scn.client)
+    attack = scn.attack
+    # Omniscient attacks are crafted at the coordinator: their clients train honestly.
+    local = attack.active and not type(attack).omniscient
+    attackers = frozenset(attack.attackers(fed.num_clients, scn.run.seed).tolist() if local else ())
+    return _Env(scn, fed, model.to(device), device, scn.client, attackers)
 
 
 class SimulatedDropout(RuntimeError):
@@ -88,6 +95,22 @@ def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: to_array(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
+def _crafted(
+    attack: AttackParams,
+    w_t: dict[str, np.ndarray],
+    trained: dict[str, torch.Tensor],
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray] | None:
+    """An attacker's reply arrays: ``w_t`` plus the update its attack crafts from the
+    honest one (floating arrays; integer buffers as trained). None: the honest reply."""
+    w = {k: v.detach().cpu().numpy() for k, v in trained.items()}
+    floats = [k for k, a in w.items() if np.issubdtype(a.dtype, np.floating)]
+    crafted = attack.craft({k: w[k] - w_t[k] for k in floats}, rng)
+    if crafted is None:
+        return None
+    return {k: (w_t[k] + crafted[k]).astype(w_t[k].dtype) if k in crafted else w[k] for k in w}
+
+
 def build_client_app(spec_json: str) -> ClientApp:
     """A ClientApp for the scenario given as ``Scenario.model_dump_json()``."""
     app = ClientApp()
@@ -106,6 +129,11 @@ def build_client_app(spec_json: str) -> ClientApp:
         env.holds = None  # training changes the weights
         x, y = env.federation.train_data(cid)
         seed = env.scenario.run.seed
+        attack = env.scenario.attack if cid in env.attackers else None
+        w_t: dict[str, np.ndarray] = {}
+        if attack is not None:
+            x, y = attack.poison(x, y, env.federation.num_classes)
+            w_t = {k: v.detach().cpu().numpy().copy() for k, v in env.model.state_dict().items()}
         task = ClientTask(
             cid,
             server_round,
@@ -118,9 +146,16 @@ def build_client_app(spec_json: str) -> ClientApp:
             state=context.state,
         )
         out = env.behaviour.train(task)
+        if attack is not None and out.arrays is None:
+            rng = np_rng(seed, "attack", server_round, cid)
+            out.arrays = _crafted(attack, w_t, env.model.state_dict(), rng)
+        if out.arrays is None:
+            arrays = to_array_record(env.model.state_dict())
+        else:
+            arrays = ArrayRecord({k: to_array(np.asarray(v)) for k, v in out.arrays.items()})
         content = RecordDict(
             {
-                "arrays": to_array_record(env.model.state_dict()),
+                "arrays": arrays,
                 "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
             }
         )

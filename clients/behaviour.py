@@ -48,10 +48,16 @@ class ClientTask:
 
 @dataclass
 class Outcome:
-    """What a behaviour did: the example count (the aggregation weight) and metrics."""
+    """What a behaviour did: the example count (the aggregation weight) and metrics.
+
+    ``arrays``, when given, is sent instead of the trained model's weights (a client that
+    replies something else: an attacker, or a test of reply validation); every engine
+    validates a reply before it is used (``fedsim.engine.validation``).
+    """
 
     num_examples: int
     metrics: dict[str, float | int] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] | None = None
 
 
 class Behaviour(ClientParams):

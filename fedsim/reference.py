@@ -115,7 +115,14 @@ _TRANSFORMS_DOC = (
 )
 
 
+_ATTACK_DOC = (
+    'Malicious clients for robustness research (see "Attacks"): a fixed set drawn from '
+    "the seed, with the schedule, churn and system model of honest clients."
+)
+
+
 def render() -> str:
+    from fedsim.attack_params import ATTACKS, AttackParams
     from fedsim.client_params import CLIENTS, ClientParams
     from fedsim.data import DATASETS, PARTITIONERS
     from fedsim.models import MODELS
@@ -179,6 +186,10 @@ def render() -> str:
     lines += ["", "### `[coordinator]`", ""] + table(CoordinatorSection, "coordinator.")
     lines += ["", "### `[[transforms]]`", "", _TRANSFORMS_DOC, ""]
     lines += _variants("transform", "kind", TRANSFORMS, "transforms[i].", ())
+    lines += ["### `[attack]`", "", _ATTACK_DOC, ""]
+    lines += table(AttackParams, "attack.", skip=("kind",))
+    common_attack = tuple(k for k in AttackParams.model_fields if k != "kind")
+    lines += [""] + _variants("attack", "kind", ATTACKS, "attack.", common_attack)
     lines += ["### `[privacy]`", ""]
     lines += [
         f"Reserved: {PrivacySection.__doc__.strip()} The table may be present but must be empty.",

@@ -1,8 +1,8 @@
 """Scenario files: schema (pydantic v2), TOML loading, ``--set`` overrides, JSON Schema.
 
 A scenario is one TOML file with the tables ``run``, ``data``, ``model``, ``client``,
-``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator``, the list
-``transforms`` and the reserved ``privacy``. Every key has a
+``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator``, ``attack``, the
+list ``transforms`` and the reserved ``privacy``. Every key has a
 default except what must be chosen (e.g. ``data.path`` for MNIST); unknown keys are
 errors; every error names its key path.
 """
@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError
 
 import fedsim.variants as variants
 import fedsim.world.availability  # noqa: F401  (registers the built-in availability models)
+from fedsim.attack_params import ATTACKS, AttackParams
 from fedsim.client_params import CLIENTS, ClientParams
 from fedsim.data import DATASETS
 from fedsim.errors import ScenarioError
@@ -119,6 +120,9 @@ class Scenario(Section):
         description="Transforms of the clients' updates w - w_t, in order: per-update ones "
         "(clip, reject) in the worker before folding, aggregate ones on the mean update "
         "at the coordinator. Each is a table with a 'kind' key.",
+    )
+    attack: Annotated[AttackParams, Variants(ATTACKS)] = Field(
+        default_factory=lambda: _default(ATTACKS)
     )
     privacy: PrivacySection = Field(default_factory=PrivacySection)
 
@@ -306,6 +310,13 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
             ("simulation.client_resources.gpus", "must be a fraction <= 1 or a whole number")
         )
     problems += _check_world(scn)
+    a = scn.attack
+    if not a.active and (a.fraction or a.count):
+        problems.append(("attack.kind", "attackers are set ('fraction' or 'count'): name a kind"))
+    if a.count is not None and a.fraction:
+        problems.append(("attack.count", "set 'count' or 'fraction', not both"))
+    if a.count is not None and a.count > n:
+        problems.append(("attack.count", f"{a.count} > data.num_clients ({n})"))
     for i, t in enumerate(scn.transforms):
         if not isinstance(t, UpdateTransform | AggregateTransform):
             problems.append(

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "fedsim.models",
         "fedsim.client_params",
         "fedsim.strategy_params",
+        "fedsim.attack_params",
         "fedsim.transforms",
     ),
     ("fedsim.scenario", "fedsim.reference"),

@@ -137,6 +137,7 @@ def test_json_schema_describes_every_section():
         "system",
         "coordinator",
         "transforms",
+        "attack",
         "privacy",
     }
     text = json.dumps(schema)

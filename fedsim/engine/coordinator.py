@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, MAX_STEPS_KEY
 from fedsim.engine.fold import Block
 from fedsim.engine.messaging import (
@@ -34,6 +35,7 @@ from fedsim.engine.messaging import (
 from fedsim.engine.policy import DROPPED, RoundPlan, plan_round
 from fedsim.engine.protocol import FedAvgProtocol, Round, RoundProtocol, RoundRecord, Stage
 from fedsim.engine.screening import rejection
+from fedsim.engine.validation import ReplyLimits
 from fedsim.rng import int_seed, np_rng
 from fedsim.transforms import Chains
 from fedsim.world.config import CoordinatorSection
@@ -96,6 +98,8 @@ class Coordinator:
         lookahead: bool = False,
         protocol: RoundProtocol | None = None,
         chains: Chains | None = None,
+        limits: ReplyLimits | None = None,
+        attack: AttackParams | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -123,6 +127,13 @@ class Coordinator:
         self.lookahead = lookahead
         self.protocol = protocol or FedAvgProtocol()
         self.chains = chains or Chains()  # the scenario's update transforms
+        self.limits = limits or ReplyLimits()  # what a client's reply may claim
+        self.attack = attack if attack is not None and attack.active else None
+        self.attackers: frozenset[int] = frozenset(
+            () if self.attack is None else attack.attackers(num_clients, seed).tolist()  # type: ignore[union-attr]
+        )
+        # Omniscient attacks are crafted here, from the round's unfolded replies.
+        self.crafts = self.attack is not None and type(self.attack).omniscient
         self.clock = 0.0  # virtual seconds since the run began
 
     def sample(
@@ -274,7 +285,8 @@ class Coordinator:
     @property
     def grid_screens(self) -> bool:
         """Whether the grid's workers run the per-update transforms (fedsim's do)."""
-        return isinstance(self._grid, PhasedGrid) and self._grid.screens_updates
+        screens = isinstance(self._grid, PhasedGrid) and self._grid.screens_updates
+        return screens and not self.crafts  # (crafted replies are screened here)
 
     # -- the run -------------------------------------------------------------------
     def run(self, grid: Grid) -> CoordinatorResult:

@@ -42,6 +42,16 @@ def array_record(content: RecordDict) -> ArrayRecord | None:
     return next((v for v in content.values() if isinstance(v, ArrayRecord)), None)
 
 
+def with_model(content: RecordDict, arrays: ArrayRecord) -> RecordDict:
+    """A copy of ``content`` whose model (its first ArrayRecord) is ``arrays``."""
+    out, done = RecordDict(), False
+    for key, rec in content.items():
+        if isinstance(rec, ArrayRecord) and not done:
+            rec, done = arrays, True
+        out[key] = rec
+    return out
+
+
 def records(content: RecordDict) -> tuple[ArrayRecord | None, MetricRecord]:
     arrays = metrics = None
     for rec in content.values():

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedsim.engine.attacks import craft_replies
 from fedsim.engine.fold import fold_weighted_mean, num_examples
 from fedsim.engine.policy import (
     AGGREGATED,
@@ -33,7 +34,13 @@ from fedsim.engine.policy import (
     RoundPlan,
     select_count,
 )
-from fedsim.engine.screening import finish_mean, finish_model, rejection, screen_replies
+from fedsim.engine.screening import (
+    check_replies,
+    finish_mean,
+    finish_model,
+    rejection,
+    screen_replies,
+)
 from fedsim.world.participation import REJECTED
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ class RoundRecord:
     clients_rejected: int = 0  # left out by a per-update transform (see fedsim.transforms)
     clients_aggregated: int = 0
     round_skipped: bool = False
+    eval_clients_rejected: int = 0  # evaluation replies left out as invalid
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
     eval_loss: float | None = None
@@ -151,7 +159,7 @@ class TrainStage(Stage):
             "train",
             run,
             rnd.arrays,
-            fold=co.fold_train,
+            fold=co.fold_train and not co.crafts,
             extra_config=None if plan is None else co.plan_config(plan, run),
             expected_failures=dropouts,
         )
@@ -161,11 +169,13 @@ class TrainStage(Stage):
         to_strategy: list[Message] = []
         rejected = 0
         if replies is not None:
-            # Workers that pre-fold (or screen) have run the per-update transforms;
-            # otherwise they run here, on the same numbers.
+            # fedsim's workers have validated the replies and run the per-update
+            # transforms; otherwise that happens here, on the same numbers.
             updates = None
-            if not co.grid_screens:  # a malformed reply fails here as it would in a worker
-                updates = screen_replies(replies, co.chains, fold=co.fold_train)
+            if not co.grid_screens:  # an invalid reply is rejected here as in a worker
+                if co.crafts:  # omniscient attackers reply, before any screening
+                    craft_replies(co.attack, co.attackers, replies, rnd.number, co.seed)  # type: ignore[arg-type]
+                updates = screen_replies(replies, co.chains, co.limits, fold=co.fold_train)
                 co.check_failures(replies, "train", rnd.number)
             if co.fold_train:
                 folded = fold_weighted_mean(
@@ -221,6 +231,10 @@ class TrainStage(Stage):
         rec.clients_late = sum(1 for v in status.values() if v == LATE)
         rec.clients_rejected = rejected
         rec.clients_aggregated = 0 if rec.round_skipped else n_agg
+        if co.attack is not None:
+            attackers = [c for c in rnd.selected if c in co.attackers]
+            rec.extra["attackers_selected"] = len(attackers)
+            rec.extra["attackers_aggregated"] = sum(status[c] == AGGREGATED for c in attackers)
         if co.on_participation is not None:
             co.on_participation(rnd.number, rnd.online, status)
 
@@ -244,7 +258,11 @@ class EvaluateStage(Stage):
 
     def aggregate(self, co: Coordinator, rnd: Round, replies: Replies | None) -> None:
         client_eval: MetricRecord | None = None
+        rec = rnd.record
         if replies is not None:
+            if not co.grid_screens:  # (fedsim's workers validate their own replies)
+                check_replies(replies, co.limits)
+            rec.eval_clients_rejected = sum(rejection(r) is not None for r in replies.ordered)
             # A client with an empty held-out split has nothing to report.
             ok = [
                 r
@@ -255,7 +273,6 @@ class EvaluateStage(Stage):
                 # Every Flower strategy averages evaluation metrics by num-examples.
                 folded = fold_weighted_mean(ok, with_arrays=False, reply_to=replies.msgs[0])
                 client_eval = co.strategy.aggregate_evaluate(rnd.number, [folded])  # type: ignore[list-item]
-        rec = rnd.record
         rec.client_eval_loss = _metric(client_eval, "eval_loss")
         rec.client_eval_accuracy = _metric(client_eval, "eval_accuracy")
         central = co.evaluate_fn(rnd.number, rnd.arrays) if co.evaluate_fn is not None else None

@@ -35,12 +35,31 @@ def start_ray(*, address: str | None = None) -> tuple[bool, float]:
     else:
         # A private single-machine cluster bound to loopback ("local": never the
         # cluster a stray RAY_ADDRESS variable points at).
+        _loopback_only()
         ray.init(
             address="local", num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **common
         )
     if main and on_term is not None:
         signal.signal(signal.SIGTERM, on_term)
     return True, time.perf_counter() - t0
+
+
+def _loopback_only() -> None:
+    """Keep every Ray server of a local cluster on 127.0.0.1.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node address, and on
+    Linux replaces a loopback node address by the machine's external one unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which it reads once, when ``ray`` is first
+    imported. ``fedsim.engine`` sets that variable before importing Ray; a script or
+    notebook that imported ``ray`` first has read it unset, so the constant is set
+    here too (the variable also reaches Ray's own processes). Ray's control plane has
+    no authentication: ``tests/engine/test_listening.py`` fails if any process of a
+    run listens on anything but loopback.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def stop_ray(started_here: bool) -> None:

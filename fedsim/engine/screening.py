@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.constant import ErrorCode
 
 from fedsim.arrays import to_array
 from fedsim.client_params import instruction_config, round_of
-from fedsim.engine.fold import WEIGHT_KEY, Sums, apply_update, array_record, records, update_of
+from fedsim.engine.fold import Sums, apply_update, array_record, records, update_of, with_model
+from fedsim.engine.validation import ReplyLimits, check_metrics, check_update
 from fedsim.transforms import Chains, Rejected
 
 if TYPE_CHECKING:
@@ -41,33 +42,39 @@ def _failed(msg: Message, reason: str, code: int) -> Message:
     return Message(Error(code, reason), reply_to=msg)
 
 
-def screen(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Message, Sums | None]:
+def rejected(msg: Message, reason: str) -> Message:
+    """The error reply that leaves a client out, saying why."""
+    return _failed(msg, f"{REJECTED_PREFIX}{reason}", REJECTED)
+
+
+def screen(
+    reply: Message, msg: Message, chains: Chains, cid: int, limits: ReplyLimits
+) -> tuple[Message, Sums | None]:
     """(reply, its update after the per-update transforms); for a reply that failed, is
-    malformed or is rejected: an error reply and None."""
+    invalid (``fedsim.engine.validation``) or is rejected by a transform: an error reply
+    and None."""
     if reply.has_error():
         return reply, None
+    base = array_record(msg.content)
+    if base is None:
+        raise ValueError("a training instruction carries no ArrayRecord")
     try:
         arrays, metrics = records(reply.content)
-        if arrays is None:
-            raise ValueError("a training reply carries no ArrayRecord")
-        base = array_record(msg.content)
-        if base is None:
-            raise ValueError("the training instruction carries no ArrayRecord")
-        update = update_of(arrays, base)
-    except ValueError as exc:
-        return _failed(msg, f"bad reply: {exc}", ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
+        weight = check_metrics(metrics, limits.cap(cid, training=True), training=True)
+        update = check_update(arrays, base)
+    except ValueError as exc:  # Invalid, or records() finding no num-examples
+        return rejected(msg, str(exc)), None
     if not chains.update:
         return reply, update
     # Transforms see the floating arrays only: an integer buffer (BatchNorm's batch count)
     # is no part of an update's norm.
     floats = {k: d for k, d in update.items() if _floating(base[k])}
     try:
-        weight = float(metrics[WEIGHT_KEY])  # type: ignore[arg-type]
         floats = chains.screen(
             floats, server_round=round_of(instruction_config(msg)), cid=cid, weight=weight
         )
     except Rejected as exc:
-        return _failed(msg, f"{REJECTED_PREFIX}{exc}", REJECTED), None
+        return rejected(msg, str(exc)), None
     except Exception as exc:  # a broken transform fails its client, not the run
         reason = f"update transform failed: {type(exc).__name__}: {exc}"
         return _failed(msg, reason, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
@@ -81,47 +88,67 @@ def screen(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Mess
     return reply, update
 
 
+def checked(reply: Message, msg: Message, cid: int, limits: ReplyLimits) -> Message:
+    """An evaluation reply, or the rejection of one that is invalid."""
+    if reply.has_error():
+        return reply
+    try:
+        _, metrics = records(reply.content)
+        check_metrics(metrics, limits.cap(cid, training=False), training=False)
+    except ValueError as exc:
+        return rejected(msg, str(exc))
+    return reply
+
+
 def _floating(arr: Array) -> bool:
     return np.issubdtype(np.dtype(arr.dtype), np.floating)
 
 
-def screened(reply: Message, msg: Message, chains: Chains, cid: int) -> Message:
-    """A reply handed to the strategy whole, through the per-update transforms: it then
-    carries ``w_t`` plus its transformed update. Untouched when there are none."""
-    if not chains.update or reply.has_error():
+def screened(
+    reply: Message, msg: Message, chains: Chains, cid: int, limits: ReplyLimits
+) -> Message:
+    """A reply handed to the strategy whole, validated and through the per-update
+    transforms: it then carries ``w_t`` plus its transformed update (its own arrays,
+    untouched, when there are no transforms)."""
+    if reply.has_error():
         return reply
-    reply, update = screen(reply, msg, chains, cid)
-    if update is None:
+    reply, update = screen(reply, msg, chains, cid, limits)
+    if update is None or not chains.update:
         return reply
     base = array_record(msg.content)
     arrays = ArrayRecord({k: to_array(apply_update(base[k], d)) for k, d in update.items()})  # type: ignore[index]
-    content, done = RecordDict(), False
-    for key, rec in reply.content.items():
-        if isinstance(rec, ArrayRecord) and not done:  # the model (see fold.records)
-            rec, done = arrays, True
-        content[key] = rec
-    reply.content = content
+    reply.content = with_model(reply.content, arrays)
     return reply
 
 
-def screen_replies(replies: Replies, chains: Chains, *, fold: bool) -> list[Sums | None] | None:
-    """Run the per-update transforms at the coordinator, as fedsim's workers would: a
-    rejected or malformed reply becomes an error in ``replies.ordered``. For a folded
-    phase, returns each reply's update (None where it is left out)."""
-    if not fold and not chains.update:
-        return None
+def screen_replies(
+    replies: Replies, chains: Chains, limits: ReplyLimits, *, fold: bool
+) -> list[Sums | None] | None:
+    """Validate training replies and run the per-update transforms at the coordinator,
+    as fedsim's workers would: an invalid or rejected reply becomes an error in
+    ``replies.ordered``. For a folded phase, returns each reply's update (None where it
+    is left out)."""
     updates: list[Sums | None] = []
     for i, (cid, msg, r) in enumerate(
         zip(replies.cids, replies.msgs, replies.ordered, strict=True)
     ):
         update = None
         if r is not None and fold:
-            r, update = screen(r, msg, chains, cid)
+            r, update = screen(r, msg, chains, cid, limits)
         elif r is not None:
-            r = screened(r, msg, chains, cid)
+            r = screened(r, msg, chains, cid, limits)
         replies.ordered[i] = r
         updates.append(update)
     return updates if fold else None
+
+
+def check_replies(replies: Replies, limits: ReplyLimits) -> None:
+    """Validate evaluation replies at the coordinator, as fedsim's workers would."""
+    for i, (cid, msg, r) in enumerate(
+        zip(replies.cids, replies.msgs, replies.ordered, strict=True)
+    ):
+        if r is not None:
+            replies.ordered[i] = checked(r, msg, cid, limits)
 
 
 def finish_mean(chains: Chains, server_round: int) -> Callable[[Sums, float], Sums] | None:

@@ -18,6 +18,7 @@ from fedsim.engine.coordinator import (
     ParticipationHook,
     RoundHook,
 )
+from fedsim.engine.validation import ReplyLimits
 from fedsim.models import build_model
 from fedsim.transforms import Chains
 from fedsim.world import World
@@ -86,6 +87,8 @@ def build_coordinator(
         on_participation=on_participation,
         lookahead=type(s).overlaps_evaluation,
         chains=Chains.of(scn.transforms, seed=scn.run.seed),
+        limits=ReplyLimits.of(fed, scn.coordinator.max_examples),
+        attack=scn.attack,
     )
 
 

@@ -20,8 +20,9 @@ from flwr.common.constant import ErrorCode
 
 from fedsim.engine.claims import claimed
 from fedsim.engine.fold import WEIGHT_KEY, Block, Sums, TreeFold, array_record, leaf, records
-from fedsim.engine.screening import screen, screened
+from fedsim.engine.screening import checked, screen, screened
 from fedsim.engine.transport import PackedRecord, Unpickled, hold
+from fedsim.engine.validation import ReplyLimits
 from fedsim.transforms import Chains
 
 
@@ -36,17 +37,24 @@ class ClientWorker:
         torch.set_num_threads(torch_threads)
         self._spec_json = spec_json
         self._app = build_client_app(spec_json)
-        self._chains: Chains | None = None
+        self._screening: tuple[Chains, ReplyLimits] | None = None
+        self._screens = True  # (see screening)
 
     @property
-    def chains(self) -> Chains:
-        """The scenario's update transforms (built with the client app's environment)."""
-        if self._chains is None:
+    def screening(self) -> tuple[Chains, ReplyLimits]:
+        """The scenario's update transforms and what a reply may claim (built with the
+        client app's environment)."""
+        if self._screening is None:
             from clients.app import _env
 
-            scn = _env(self._spec_json).scenario
-            self._chains = Chains.of(scn.transforms, seed=scn.run.seed)
-        return self._chains
+            env = _env(self._spec_json)
+            scn = env.scenario
+            chains = Chains.of(scn.transforms, seed=scn.run.seed)
+            self._screening = chains, ReplyLimits.of(env.federation, scn.coordinator.max_examples)
+            # Under an omniscient attack the coordinator crafts the attackers' replies
+            # and then screens every training reply itself.
+            self._screens = not (scn.attack.active and type(scn.attack).omniscient)
+        return self._screening
 
     def warm(self) -> float:
         """Load data and model and run one client through train and evaluate (replies
@@ -92,8 +100,8 @@ class ClientWorker:
         """Run the batch's clients in order; return their replies, and the persistent
         state of each client that trained and has one (``states`` brings it in).
 
-        Training replies go through the scenario's per-update transforms
-        (``fedsim.engine.screening``). With ``fold_from`` (the cohort position of the
+        Replies are validated, and training replies go through the scenario's
+        per-update transforms (``fedsim.engine.screening``). With ``fold_from`` (the cohort position of the
         batch's first client; the batch is a contiguous range of positions) their
         weighted sum is folded here as each client finishes, and the replies come back
         with metrics only, together with the partial sums (see ``fedsim.engine.fold``).
@@ -104,7 +112,7 @@ class ClientWorker:
         replies = []
         new_states: dict[int, RecordDict] = {}
         states = states or {}
-        chains = self.chains
+        chains, limits = self.screening
         tree = TreeFold() if fold_from is not None else None
         for pos, (cid, msg) in (
             claimed(batch, claims) if claims else enumerate(batch, start=fold_from or 0)
@@ -126,10 +134,12 @@ class ClientWorker:
             if training and not reply.has_error() and (state is not None or len(context.state)):
                 new_states[cid] = context.state  # kept by the pool for the client's next task
             if tree is not None:
-                reply, term = self.fold(reply, msg, chains, cid)
+                reply, term = self.fold(reply, msg, chains, cid, limits)
                 tree.add(pos, term)
-            elif training:
-                reply = screened(reply, msg, chains, cid)
+            elif not training:
+                reply = checked(reply, msg, cid, limits)
+            elif self._screens:  # (else the coordinator screens it: an omniscient attack)
+                reply = screened(reply, msg, chains, cid, limits)
             replies.append(reply)
         return PhaseOutput(replies, new_states, None if tree is None else tree.blocks)
 
@@ -169,10 +179,12 @@ class ClientWorker:
         return packed if fold_from is None else (packed, out.blocks)  # type: ignore[return-value]
 
     @staticmethod
-    def fold(reply: Message, msg: Message, chains: Chains, cid: int) -> tuple[Message, Sums | None]:
+    def fold(
+        reply: Message, msg: Message, chains: Chains, cid: int, limits: ReplyLimits
+    ) -> tuple[Message, Sums | None]:
         """The reply's term of the weighted sum (its screened update times its weight),
         and the reply without its model arrays (or the error that left it out)."""
-        reply, update = screen(reply, msg, chains, cid)
+        reply, update = screen(reply, msg, chains, cid, limits)
         if update is None:
             return reply, None
         _, metrics = records(reply.content)

@@ -284,6 +284,12 @@ class CoordinatorSection(Section):
     wait_step_s: float = Field(
         60.0, gt=0, description="How often a waiting coordinator checks who is online again."
     )
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Largest num-examples a client's reply may claim; a reply above it is "
+        "rejected. Simulation also caps each client at its own shard size.",
+    )
 
     @property
     def active(self) -> bool:

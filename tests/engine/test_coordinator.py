@@ -13,6 +13,7 @@ from fedsim.engine.coordinator import AllClientsFailed, ClientDirectory, Coordin
 from fedsim.engine.fold import TreeFold
 from fedsim.engine.grid import NODE_ID_OFFSET, RayGrid
 from fedsim.engine.messaging import PhasedGrid, SubsetGrid
+from fedsim.engine.validation import ReplyLimits
 from fedsim.engine.worker import ClientWorker
 from fedsim.transforms import Chains
 
@@ -53,7 +54,9 @@ class LocalPool:
             if fold_from is not None:  # the workers' pre-fold, as ClientWorker.run does it
                 tree = TreeFold()
                 for pos, (cid, msg) in enumerate(batch, start=fold_from[i]):
-                    reply, term = ClientWorker.fold(self._reply(cid, msg), msg, self.chains, cid)
+                    reply, term = ClientWorker.fold(
+                        self._reply(cid, msg), msg, self.chains, cid, ReplyLimits()
+                    )
                     tree.add(pos, term)
                     out.append(reply)
                 blocks += tree.blocks
@@ -309,19 +312,30 @@ def test_a_round_whose_closing_fails_is_not_closed_twice():
 
 
 class Malformed(LocalPool):
-    """Every reply carries an array the model does not have."""
+    """The clients in ``bad`` reply an array the model does not have."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
 
     def _reply(self, cid, msg):
         reply = super()._reply(cid, msg)
-        if not reply.has_error() and "arrays" in reply.content:
+        if cid in self.bad and not reply.has_error() and "arrays" in reply.content:
             reply.content["arrays"] = ArrayRecord({"v": Array(np.zeros(1, np.float32))})
         return reply
 
 
 @pytest.mark.parametrize("grid", [RayGrid, PlainGrid])
-def test_malformed_replies_fail_their_clients_the_same_way_on_every_grid(grid):
+def test_malformed_replies_are_rejected_the_same_way_on_every_grid(grid):
     # Folded in a worker (RayGrid) or at the coordinator (PlainGrid, as under Flower's
-    # runtime): a reply whose arrays are not the model's is a failed client, and a phase
-    # of nothing else is an error, never a model.
-    with pytest.raises(AllClientsFailed, match="bad reply: reply arrays differ"):
-        _coordinator(num_clients=4, cohort=4, fold=True).run(grid(Malformed(), num_clients=4))
+    # runtime): a reply whose arrays are not the model's leaves out its client only.
+    c = _coordinator(num_clients=4, cohort=4, fold=True)
+    res = c.run(grid(Malformed({1, 3}), num_clients=4))
+    rec = res.rounds[0]
+    assert rec["clients_rejected"] == 2 and rec["clients_aggregated"] == 2
+    assert res.arrays["w"].numpy().tolist() == [1.5]  # clients 0 and 2, weights 1 and 3
+    # When every reply is rejected the round is skipped (model unchanged), not an error.
+    c = _coordinator(num_clients=4, cohort=4, fold=True)
+    res = c.run(grid(Malformed({0, 1, 2, 3}), num_clients=4))
+    assert res.rounds[0]["round_skipped"] and res.rounds[0]["clients_rejected"] == 4
+    assert res.arrays["w"].numpy().tolist() == [0.0]

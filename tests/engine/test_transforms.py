@@ -22,6 +22,7 @@ from flwr.app import (
 
 from fedsim.engine.fold import leaf
 from fedsim.engine.screening import REJECTED, rejection, screen, screened
+from fedsim.engine.validation import ReplyLimits
 from fedsim.results import read_metrics, without_timing
 from fedsim.runner import execute
 from fedsim.scenario import load_scenario
@@ -36,6 +37,7 @@ from fedsim.transforms import (
 )
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+NO_LIMITS = ReplyLimits()
 
 
 def _ctx():
@@ -81,20 +83,21 @@ def test_screen_gives_the_transformed_update_or_an_error_saying_why():
     msg = _instruction(w_t)
     chains = Chains(update=(ClipNorm(max_norm=1.0), NormBound(max_norm=0.5)), seed=0)
     # clipped to norm 1, then rejected by the bound of 0.5
-    reply, update = screen(_reply(msg, np.array([4.0, 1.0], np.float32)), msg, chains, 3)
+    reply, update = screen(_reply(msg, np.array([4.0, 1.0], np.float32)), msg, chains, 3, NO_LIMITS)
     assert update is None and reply.error.code == REJECTED
     assert rejection(reply) == "update norm 1 > 0.5"
-    ok, update = screen(_reply(msg, np.array([1.3, 1.0], np.float32)), msg, chains, 3)
+    ok, update = screen(_reply(msg, np.array([1.3, 1.0], np.float32)), msg, chains, 3, NO_LIMITS)
     assert rejection(ok) is None and update["w"].tolist() == pytest.approx([0.3, 0.0], abs=1e-6)
     # a reply of the wrong shape is an error, not a crash and not a broadcast
-    bad, update = screen(_reply(msg, np.zeros(1, np.float32)), msg, Chains(), 3)
-    assert update is None and "has shape (1,)" in bad.error.reason
+    bad, update = screen(_reply(msg, np.zeros(1, np.float32)), msg, Chains(), 3, NO_LIMITS)
+    assert update is None and "has shape (1,)" in rejection(bad)
     # handed to the strategy whole: it carries w_t + the clipped update
     whole = screened(
         _reply(msg, np.array([4.0, 1.0], np.float32)),
         msg,
         Chains(update=(ClipNorm(max_norm=1.0),)),
         3,
+        NO_LIMITS,
     )
     assert whole.content["arrays"]["w"].numpy().tolist() == pytest.approx([2.0, 1.0])
 
@@ -212,7 +215,11 @@ def _two_array_reply(msg, w, steps):
 def test_a_transform_that_raises_fails_its_client_not_the_run():
     msg = _two_array_instruction()
     reply, update = screen(
-        _two_array_reply(msg, np.ones(2, np.float32), 5), msg, Chains(update=(Broken(),)), 1
+        _two_array_reply(msg, np.ones(2, np.float32), 5),
+        msg,
+        Chains(update=(Broken(),)),
+        1,
+        NO_LIMITS,
     )
     assert update is None and "update transform failed: KeyError" in reply.error.reason
 
@@ -220,7 +227,11 @@ def test_a_transform_that_raises_fails_its_client_not_the_run():
 def test_the_fold_never_writes_into_a_transforms_read_only_or_shared_arrays():
     msg = _two_array_instruction()
     reply, update = screen(
-        _two_array_reply(msg, np.ones(2, np.float32), 5), msg, Chains(update=(Frozen(),)), 1
+        _two_array_reply(msg, np.ones(2, np.float32), 5),
+        msg,
+        Chains(update=(Frozen(),)),
+        1,
+        NO_LIMITS,
     )
     assert all(a.flags.writeable for a in update.values())
     leaf(update, 3.0)  # in place: would raise on a read-only array
@@ -234,5 +245,6 @@ def test_transforms_see_only_floating_arrays():
         msg,
         Chains(update=(NormBound(max_norm=1.0),)),
         1,
+        NO_LIMITS,
     )
     assert rejection(reply) is None and update["steps"].tolist() == [1000.0]
