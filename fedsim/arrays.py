@@ -52,6 +52,26 @@ def to_array(a: np.ndarray) -> Array:
     )
 
 
+def conform(record: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``record`` with each array in the dtype of ``like``'s array of that name (the
+    record itself when every dtype already matches). A strategy that computes in float64
+    (Flower's FedAdam, FedYogi, FedAdagrad: a float64 step size times float32 moments)
+    must not change the global model's dtype: clients train and reply in the model's."""
+    cast = {
+        k: a
+        for k, a in record.items()
+        if k in like and np.dtype(a.dtype) != np.dtype(like[k].dtype)
+    }
+    if not cast:
+        return record
+    return ArrayRecord(
+        {
+            k: to_array(array_view(a).astype(np.dtype(like[k].dtype))) if k in cast else a
+            for k, a in record.items()
+        }
+    )
+
+
 def torch_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """The record as a torch state dict of read-only views of its bytes (no copy).
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedsim.arrays import conform
 from fedsim.engine.attacks import craft_replies
 from fedsim.engine.fold import fold_weighted_mean, num_examples
 from fedsim.engine.policy import (
@@ -216,7 +217,7 @@ class TrainStage(Stage):
                 weight = sum(num_examples(r) for r in to_strategy if not r.has_error())
                 new_arrays = finish_model(co.chains, rnd.number, rnd.arrays, new_arrays, weight)
             if new_arrays is not None:
-                rnd.arrays = new_arrays
+                rnd.arrays = conform(new_arrays, rnd.arrays)  # the model keeps its dtypes
         if rnd.plan is not None:
             co.clock += rnd.plan.duration_s
         planned = 0 if replies is None else replies.expected_failures

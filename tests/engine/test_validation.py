@@ -323,3 +323,30 @@ def test_both_engines_reject_the_same_replies_and_give_the_same_model(
     assert _sha(a / "model.safetensors") == _sha(b / "model.safetensors")
     assert (a / "participation.csv").read_text() == (b / "participation.csv").read_text()
     assert without_timing(read_metrics(a)) == without_timing(read_metrics(b))
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedadagrad"])
+def test_a_strategy_stepping_in_float64_keeps_the_model_float32(tmp_path, ray_cluster, strategy):
+    # Flower's adaptive strategies multiply float32 moments by a float64 step size: the
+    # global model must keep its dtype, or every later reply would be rejected as
+    # "dtype float32; the model's is float64" (it was, before this was fixed).
+    from safetensors.numpy import load_file
+
+    res = execute(
+        load_scenario(
+            None,
+            [
+                "run.rounds=3",
+                "data.num_clients=4",
+                "model.hidden=[8]",
+                f"strategy.name={strategy}",
+                "strategy.eta=0.01",
+            ],
+        ),
+        out=tmp_path / "run",
+    )
+    records = read_metrics(res.out_dir)
+    assert [r["clients_rejected"] for r in records] == [0, 0, 0]
+    assert [r["clients_aggregated"] for r in records] == [4, 4, 4]
+    weights = load_file(str(res.out_dir / "model.safetensors"))
+    assert {str(w.dtype) for w in weights.values()} == {"float32"}
