@@ -52,9 +52,7 @@ class Scale(AttackParams):
     """Send the honest update boosted by a factor."""
 
     kind: Literal["scale"] = Field("scale", description=_WHO)
-    factor: float = Field(
-        100.0, gt=0, allow_inf_nan=False, description="Boosting factor of the update."
-    )
+    factor: float = Field(100.0, gt=0, description="Boosting factor of the update.")
 
     def craft(self, update: Update, rng: np.random.Generator) -> Update:
         return {k: d * d.dtype.type(self.factor) for k, d in update.items()}
@@ -65,9 +63,7 @@ class Gaussian(AttackParams):
     """Send a random update, each coordinate from N(0, std^2)."""
 
     kind: Literal["gaussian"] = Field("gaussian", description=_WHO)
-    std: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="Standard deviation of each coordinate."
-    )
+    std: float = Field(1.0, gt=0, description="Standard deviation of each coordinate.")
 
     def craft(self, update: Update, rng: np.random.Generator) -> Update:
         return {
@@ -103,7 +99,6 @@ class Alie(AttackParams):
     kind: Literal["alie"] = Field("alie", description=_WHO)
     z: float | None = Field(
         None,
-        allow_inf_nan=False,
         description="Standard deviations to shift by (default: the paper's z_max for the "
         "round's replies and attackers).",
     )
@@ -128,9 +123,7 @@ class Ipm(AttackParams):
     omniscient: ClassVar[bool] = True
 
     kind: Literal["ipm"] = Field("ipm", description=_WHO)
-    epsilon: float = Field(
-        0.5, gt=0, allow_inf_nan=False, description="Scale of the negated honest mean."
-    )
+    epsilon: float = Field(0.5, gt=0, description="Scale of the negated honest mean.")
 
     def craft_round(
         self, honest: list[Update], num_attackers: int, cohort: int, rng: np.random.Generator

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -78,6 +78,8 @@ class Behaviour(ClientParams):
 @CLIENTS.register("sgd")
 class SgdClient(Behaviour):
     """Honest local minibatch SGD (FedAvg's ClientUpdate; FedProx's with mu > 0)."""
+
+    keeps_state: ClassVar[bool] = False
 
     behaviour: Literal["sgd"] = Field(
         "sgd", description="Client behaviour: 'sgd' is honest local minibatch SGD."

@@ -12,9 +12,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsim import __version__
 from fedsim.errors import ScenarioError
+
+if TYPE_CHECKING:
+    from fedsim.runner import RunOutcome
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -64,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         help="override a key, e.g. --set run.rounds=3 (repeatable)",
     )
     run.add_argument("--out", type=Path, help="run directory (default runs/<name>-<UTC time>)")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the unfinished run DIR (left as DIR.incomplete) from its last "
+        "checkpoint and finish it into DIR; the scenario is the one in that folder",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no per-round progress")
 
     val = sub.add_parser("validate", help="check scenario files without running them")
@@ -117,11 +128,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.progress import Progress, headline
+    from fedsim.progress import Progress
     from fedsim.results import check_out_dir
     from fedsim.runner import execute
     from fedsim.scenario import default_scenario_path, load_scenario
 
+    if args.resume is not None:
+        return _cmd_resume(args)
     source = args.scenario or str(default_scenario_path())
     try:
         if args.out is not None:
@@ -144,6 +157,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         _print_problems(source, exc)
         return EXIT_BAD_INPUT
+    _print_outcome(outcome)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from fedsim.progress import Progress
+    from fedsim.runner import resume
+
+    extra = [
+        name
+        for name, given in (
+            ("a scenario file", args.scenario),
+            ("--set", args.overrides),
+            ("--out", args.out),
+        )
+        if given
+    ]
+    if extra:
+        _print_problems(
+            "",
+            ScenarioError(
+                [("--resume", f"takes the scenario and folder from DIR: drop {', '.join(extra)}")]
+            ),
+        )
+        return EXIT_BAD_INPUT
+    progress = Progress(0, quiet=args.quiet)
+    try:
+        outcome = resume(args.resume, progress=progress)
+    except ScenarioError as exc:
+        _print_problems("", exc)
+        return EXIT_BAD_INPUT
+    _print_outcome(outcome)
+    return 0
+
+
+def _print_outcome(outcome: RunOutcome) -> None:
+    from fedsim.progress import headline
+
     s = outcome.summary
     acc, loss = headline(s)  # the summary uses the per-round record's key names
     if s["eval_accuracy"] is not None:
@@ -158,7 +209,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"final accuracy {shown} ({kind}, loss {shown_loss}) after {s['rounds_completed']} "
         f"rounds in {s['wall_s']:.1f} s; results in {outcome.out_dir}"
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

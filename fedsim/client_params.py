@@ -10,6 +10,8 @@ counts ``epochs`` and ``batch_size``; q-FedAvg needs ``lr``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from flwr.app import ConfigRecord, Message
 from pydantic import Field
 
@@ -18,6 +20,11 @@ from fedsim.sections import Section
 
 
 class ClientParams(Section):
+    #: Whether the behaviour may keep a persistent state (``ClientTask.state``) between
+    #: rounds. A checkpoint under Flower's runtime cannot save such states (the runtime
+    #: keeps them), so it refuses such a behaviour; a plug-in that does not say may.
+    keeps_state: ClassVar[bool] = True
+
     behaviour: str = Field(description="Registered client behaviour (what a client does).")
     epochs: int = Field(1, ge=1, description="Local epochs per round (E).")
     batch_size: int = Field(32, ge=1, description="Local minibatch size (B).")

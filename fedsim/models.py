@@ -151,6 +151,18 @@ ModelSpec = Annotated[ModelParams, Variants(MODELS)]
 """A scenario ``[model]`` table: one of the registered parameter blocks, chosen by ``name``."""
 
 
+#: The largest model fedsim builds (scalar parameters): 2^30, 4 GiB in float32 per copy,
+#: and every worker, the coordinator and the strategy each hold copies.
+MAX_PARAMETERS = 2**30
+
+
+def planned_parameters(spec: ModelParams, *, input_shape: tuple[int, ...], num_classes: int) -> int:
+    """The model's parameter count, found by building it on torch's "meta" device: shapes
+    only, nothing allocated (a 1e11-wide layer costs nothing to count)."""
+    with torch.device("meta"):
+        return count_parameters(spec.build(input_shape=input_shape, num_classes=num_classes))
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of scalar parameters (trainable or not) in ``module``."""
     return sum(p.numel() for p in module.parameters())

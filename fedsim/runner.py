@@ -6,29 +6,35 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from fedsim.data import AnyFederation as Federation
 from fedsim.data import load_federation, partition_summary
 from fedsim.errors import ScenarioError
-from fedsim.models import build_model, count_parameters
+from fedsim.models import MAX_PARAMETERS, build_model, count_parameters, planned_parameters
 from fedsim.plots import plot_curves, plot_label_heatmap, plot_online, plot_participation
 from fedsim.plugins import is_file
 from fedsim.progress import Progress
 from fedsim.results import (
     MODEL_FILE,
     PARTICIPATION_FILE,
+    SCENARIO_FILE,
     SUMMARY_FILE,
     RunDir,
     check_out_dir,
     default_out_dir,
+    read_checkpoint,
+    resume_target,
     versions,
 )
-from fedsim.scenario import Scenario
+from fedsim.scenario import Scenario, load_scenario
 from fedsim.world import World
 from fedsim.world.participation import ParticipationLog
+
+if TYPE_CHECKING:
+    from fedsim.engine.checkpoint import Snapshot
 
 
 @dataclass
@@ -100,10 +106,20 @@ def prepare(scn: Scenario) -> Prepared:
     sizes = fed.train_sizes()
     # Reads trace and profile files: a bad one is a ScenarioError before anything runs.
     world = build_world(scn, sizes)
+    shape = {"input_shape": fed.input_shape, "num_classes": fed.num_classes}
     try:
-        model = build_model(
-            scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=scn.run.seed
-        )
+        planned = planned_parameters(scn.model, **shape)
+        if planned > MAX_PARAMETERS:
+            raise ScenarioError(
+                [
+                    (
+                        "model",
+                        f"{planned:,} parameters: more than the {MAX_PARAMETERS:,} fedsim "
+                        "builds (each worker holds copies)",
+                    )
+                ]
+            )
+        model = build_model(scn.model, **shape, seed=scn.run.seed)
     except ValueError as exc:
         raise ScenarioError([("model.name", str(exc))]) from None
     empty = np.flatnonzero(sizes == 0)
@@ -158,34 +174,103 @@ def execute(
     check_out_dir(out)
     prep = prepare(scn)
     with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
-        return _execute(scn, prep, engine, RunDir(out), progress, t_start)
+        run_dir = RunDir(out)
+        try:
+            text = scn.to_toml()
+            run_dir.write_text(SCENARIO_FILE, text)
+        except BaseException as exc:
+            _abandon(run_dir, exc)
+        return _execute(scn, text, prep, engine, run_dir, progress, t_start, None)
+
+
+def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
+    """Continue the unfinished run ``target`` (``DIR`` or ``DIR.incomplete``) from its
+    last checkpoint (from the start without one) and finish it into ``DIR``. Raises
+    ScenarioError (one line, key ``--resume``) for a finished run, a foreign folder, a
+    folder in use, a scenario that no longer validates, or a corrupt or foreign
+    checkpoint; nothing in the folder is changed then."""
+    from fedsim.engine.run import Engine  # imports Ray: only when running
+
+    t_start = time.perf_counter()
+    out = resume_target(target)
+    run_dir = RunDir(out, resume=True)  # checks the folder and locks it
+    try:
+        path = run_dir.path(SCENARIO_FILE)
+        text = path.read_text(encoding="utf-8")
+        try:
+            scn = load_scenario(path)
+        except ScenarioError as exc:
+            raise ScenarioError([("--resume", f"{path}: {line}") for line in exc.lines()]) from None
+        snap = read_checkpoint(run_dir.tmp, hashlib.sha256(text.encode()).hexdigest())
+        prep = prepare(scn)
+        # What stopped the run is history once it continues.
+        run_dir.path("error.txt").unlink(missing_ok=True)
+        if progress is not None:
+            progress.total = scn.run.rounds
+            done = 0 if snap is None else snap.round
+            progress.message(
+                f"fedsim: resuming {run_dir.tmp} after round {done} of {scn.run.rounds}"
+                + ("" if snap else " (no checkpoint: from the start)")
+            )
+        engine = Engine(scn).__enter__()
+    except BaseException:
+        run_dir.release()
+        raise
+    try:
+        return _execute(scn, text, prep, engine, run_dir, progress, t_start, snap)
+    finally:
+        engine.__exit__(None, None, None)
+
+
+def _abandon(run_dir: RunDir, exc: BaseException) -> NoReturn:
+    dest = run_dir.abandon(exc)
+    exc.add_note(
+        f"partial output kept in {dest} (continue it with `fedsim run --resume {run_dir.final}`)"
+    )
+    raise exc
 
 
 def _execute(
     scn: Scenario,
+    toml_text: str,
     prep: Prepared,
     engine: Any,
     run_dir: RunDir,
     progress: Progress | None,
     t_start: float,
+    snap: Snapshot | None,
 ) -> RunOutcome:
     progress = progress or Progress(scn.run.rounds, quiet=True)
     try:
-        toml_text = scn.to_toml()
-        run_dir.write_text("scenario.toml", toml_text)
+        scenario_sha256 = hashlib.sha256(toml_text.encode()).hexdigest()
         parts = partition_summary(prep.federation)
         run_dir.write_json("partitions.json", parts)
         plot_label_heatmap(parts, run_dir.path("label_heatmap.png"))
+        run_dir.open_metrics(None if snap is None else snap.records)
 
         def on_round(rec: dict[str, Any]) -> None:
             run_dir.append_round(rec)
             progress.update(rec)
 
+        def on_checkpoint(s: Snapshot) -> None:
+            run_dir.write_checkpoint(s, scenario_sha256)
+
         with (
             progress,
-            ParticipationLog(run_dir.path(PARTICIPATION_FILE), scn.num_clients) as plog,
+            ParticipationLog(
+                run_dir.path(PARTICIPATION_FILE),
+                scn.num_clients,
+                keep_rounds=None if snap is None else snap.round,
+            ) as plog,
         ):
-            result = engine.run(prep.federation, prep.world, on_round, plog.add_round)
+            result = engine.run(
+                prep.federation,
+                prep.world,
+                on_round,
+                plog.add_round,
+                on_checkpoint=on_checkpoint,
+                resume=snap,
+            )
         records = result.coordinator.rounds
         arrays = {k: v.numpy() for k, v in result.coordinator.arrays.items()}
         run_dir.write_model(arrays)
@@ -212,7 +297,8 @@ def _execute(
             "num_clients": scn.num_clients,
             "model_parameters": prep.model_parameters,
             "model_sha256": hashlib.sha256(run_dir.path(MODEL_FILE).read_bytes()).hexdigest(),
-            "scenario_sha256": hashlib.sha256(toml_text.encode()).hexdigest(),
+            "scenario_sha256": scenario_sha256,
+            "resumed_after_round": None if snap is None else snap.round,
             "wall_s": time.perf_counter() - t_start,
             **result.timings,
             "versions": versions(),
@@ -220,6 +306,4 @@ def _execute(
         run_dir.write_json(SUMMARY_FILE, summary)
         return RunOutcome(run_dir.commit(), summary)
     except BaseException as exc:
-        dest = run_dir.abandon(exc)
-        exc.add_note(f"partial output kept in {dest}")
-        raise
+        _abandon(run_dir, exc)

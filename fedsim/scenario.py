@@ -52,6 +52,14 @@ class RunSection(Section):
         ".py files relative to the working directory. Imported before the rest of the "
         "scenario is validated, in the driver and in every worker.",
     )
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="Write a checkpoint every N rounds (model, strategy state, virtual "
+        "clock, world and client states, metrics so far) into the run folder, so "
+        "`fedsim run --resume DIR` continues a run that stopped (crash, kill -9, power "
+        "loss) exactly as if it had not; omit for no checkpoints.",
+    )
     target_accuracy: float | None = Field(
         None,
         gt=0,
@@ -251,6 +259,7 @@ def _message(err: dict[str, Any]) -> str:
         "model_type": "must be a table",
         "dict_type": "must be a table",
         "string_pattern_mismatch": "must match {pattern}",
+        "finite_number": "must be a finite number (not inf or nan)",
     }
     if t in simple:
         try:
@@ -325,6 +334,19 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                     f"'{t.kind}' is neither an UpdateTransform nor an AggregateTransform",
                 )
             )
+    if (
+        scn.run.checkpoint_every is not None
+        and scn.simulation.engine == "flower"
+        and type(scn.client).keeps_state
+    ):
+        problems.append(
+            (
+                "run.checkpoint_every",
+                f"client behaviour '{scn.client.behaviour}' may keep client state, which "
+                "Flower's runtime holds where no checkpoint can save it: use "
+                "simulation.engine = 'fedsim'",
+            )
+        )
     if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
         problems.append(
             (
@@ -335,12 +357,24 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
     return problems
 
 
+#: The most times a waiting coordinator may look again for online clients in a round.
+MAX_WAIT_CHECKS = 100_000
+
+
 def _check_world(scn: Scenario) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     co, ch = scn.coordinator, scn.churn
     k = min(scn.train_cohort, scn.num_clients)
     if co.min_replies > k:
         problems.append(("coordinator.min_replies", f"{co.min_replies} > clients per round ({k})"))
+    if co.max_wait_s / co.wait_step_s > MAX_WAIT_CHECKS:
+        problems.append(
+            (
+                "coordinator.wait_step_s",
+                f"max_wait_s / wait_step_s = {co.max_wait_s / co.wait_step_s:.3g} checks of "
+                f"who is online per round: at most {MAX_WAIT_CHECKS:,}",
+            )
+        )
     if co.straggler_policy == "partial" and co.deadline_s is None:
         problems.append(("coordinator.straggler_policy", "'partial' needs coordinator.deadline_s"))
     if scn.simulation.engine == "flower":
@@ -403,17 +437,45 @@ def scenario_from_json(spec_json: str) -> Scenario:
     return Scenario.model_validate(raw)
 
 
+#: A scenario file larger than this is refused before it is read (scenarios are a few KB).
+MAX_SCENARIO_BYTES = 1 << 20
+
+
 def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML tables of a scenario file. ScenarioError for a missing, unreadable,
+    oversized, non-UTF-8, malformed or empty file (a file that asks for every default
+    says so with at least one table, e.g. ``[run]``)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_SCENARIO_BYTES:
+            raise ScenarioError(
+                [("", f"larger than {MAX_SCENARIO_BYTES >> 20} MiB: not a scenario")]
+            )
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ScenarioError([("", "no such file")]) from None
+    except IsADirectoryError:
+        raise ScenarioError([("", "is a folder, not a scenario file")]) from None
     except OSError as exc:
         raise ScenarioError([("", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError([("", f"not UTF-8 text (byte {exc.start}): {exc.reason}")]) from None
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError([("", f"TOML syntax error: {exc}")]) from None
+    except RecursionError:
+        raise ScenarioError([("", "TOML syntax error: nested too deeply")]) from None
+    if not raw:
+        raise ScenarioError(
+            [
+                (
+                    "",
+                    "empty scenario: name at least one table (an empty [run] table asks "
+                    "for every default)",
+                )
+            ]
+        )
+    return raw
 
 
 def load_scenario(path: str | Path | None, overrides: list[str] | None = None) -> Scenario:

@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
         "fedsim.variants",
         "fedsim.rng",
         "fedsim.arrays",
+        "fedsim.state",
     ),
     ("fedsim.plugins",),
     (

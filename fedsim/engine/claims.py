@@ -55,7 +55,55 @@ def claimed(batch: Sequence[T], path: str) -> Iterator[tuple[int, T]]:
         counter.close()
 
 
-def shm_dir() -> str:
-    """A private directory for a pool's counter files, in memory where there is one."""
+SHM_PREFIX = "fedsim-pool-"
+OWNER_FILE = ".owner"
+
+
+def shm_dir() -> tuple[str, int]:
+    """A private directory for a pool's counter files, in memory where there is one, and
+    the descriptor of the lock that marks it in use (hold it open for the pool's life;
+    the kernel releases it when the process dies, however it dies). Leftovers of dead
+    runs (kill -9 skips every clean-up) are removed first."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="fedsim-pool-", dir=base)
+    remove_stale(base or tempfile.gettempdir())
+    path = tempfile.mkdtemp(prefix=SHM_PREFIX, dir=base)
+    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, fd
+
+
+def remove_stale(base: str, *, unowned_after_s: float = 60.0) -> list[str]:
+    """Remove the pool directories under ``base`` whose owner lock nobody holds (and any
+    without one older than ``unowned_after_s``); returns them."""
+    import shutil
+    import time
+
+    removed = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(SHM_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(base, name)
+        owner = os.path.join(path, OWNER_FILE)
+        try:
+            fd = os.open(owner, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                stale = time.time() - os.stat(path).st_mtime > unowned_after_s
+            except OSError:
+                continue
+        except OSError:
+            continue
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                stale = True
+            except BlockingIOError:
+                stale = False  # a live pool's
+            finally:
+                os.close(fd)
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -22,8 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.arrays import to_array
 from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, MAX_STEPS_KEY
+from fedsim.engine import checkpoint
+from fedsim.engine.checkpoint import Snapshot
 from fedsim.engine.fold import Block
 from fedsim.engine.messaging import (
     ClientDirectory,
@@ -47,6 +50,7 @@ log = logging.getLogger("fedsim")
 
 RoundHook = Callable[[dict[str, Any]], None]
 ParticipationHook = Callable[[int, "np.ndarray | None", dict[int, str]], None]
+CheckpointHook = Callable[[Snapshot], None]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
@@ -100,6 +104,9 @@ class Coordinator:
         chains: Chains | None = None,
         limits: ReplyLimits | None = None,
         attack: AttackParams | None = None,
+        checkpoint_every: int | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+        resume: Snapshot | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -135,6 +142,12 @@ class Coordinator:
         # Omniscient attacks are crafted here, from the round's unfolded replies.
         self.crafts = self.attack is not None and type(self.attack).omniscient
         self.clock = 0.0  # virtual seconds since the run began
+        # Every checkpoint_every rounds (not after the last), the state after that round
+        # goes to on_checkpoint once the round's record is written; resume continues
+        # from such a snapshot.
+        self.checkpoint_every = checkpoint_every
+        self.on_checkpoint = on_checkpoint
+        self.resume = resume
 
     def sample(
         self, server_round: int, phase: str, k: int, online: np.ndarray | None = None
@@ -176,8 +189,8 @@ class Coordinator:
         if world is None:
             return None
         ids = np.asarray(cids, dtype=np.int64)
-        if self._model_bytes is None:
-            self._model_bytes = sum(len(a.data) for a in arrays.values())
+        if self._model_bytes is None:  # (the model's size: its dtypes never change)
+            self._model_bytes = sum(len(a.data) for a in self.initial_arrays.values())
         timing, steps = world.timing(ids, model_bytes=self._model_bytes, server_round=server_round)
         dropped = world.dropout.dropped_many(ids, server_round)
         return plan_round(
@@ -299,8 +312,9 @@ class Coordinator:
         ahead = self.lookahead and isinstance(grid, PhasedGrid)
         nxt: Round | Exception | None = None  # round r + 1, started early (or its error)
         behind: Round | None = None  # round r - 1: its tail sent, not yet collected
+        first = 1 if self.resume is None else self.resume.round + 1
         try:
-            for r in range(1, self.rounds + 1):
+            for r in range(first, self.rounds + 1):
                 if isinstance(nxt, Exception):
                     raise nxt
                 rnd, nxt = nxt or self._begin(r), None
@@ -308,6 +322,8 @@ class Coordinator:
                     self._finish_stage(stage, rnd)
                 rnd.t_update, self.arrays = self._t_update, rnd.arrays
                 if ahead and r < self.rounds:
+                    if self._checkpoint_due(r):  # (round r + 1 has not begun yet)
+                        rnd.snapshot = self._snapshot(r, result)
                     nxt = self._begin_or_error(r + 1)
                 for stage in tail:
                     rnd.sent[stage.name] = stage.send(self, rnd)
@@ -342,7 +358,9 @@ class Coordinator:
         self.arrays = self.initial_arrays
         self._t_update = time.perf_counter()  # when the model last changed
         result = CoordinatorResult(arrays=self.arrays)
-        if self.evaluate_fn is not None:
+        if self.resume is not None:
+            self._restore(self.resume, result)
+        elif self.evaluate_fn is not None:
             init = self.evaluate_fn(0, self.arrays)
             if init is not None:
                 result.initial_eval = {k: float(v) for k, v in init.items()}  # type: ignore[arg-type]
@@ -384,6 +402,44 @@ class Coordinator:
         result.rounds.append(record)
         if self.on_round is not None:
             self.on_round(record)
+        if rnd.snapshot is None and self._checkpoint_due(rnd.number):
+            rnd.snapshot = self._snapshot(rnd.number, result)  # the plain order: all done
+        if rnd.snapshot is not None and self.on_checkpoint is not None:
+            rnd.snapshot.records = list(result.rounds)
+            self.on_checkpoint(rnd.snapshot)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _checkpoint_due(self, r: int) -> bool:
+        every = self.checkpoint_every
+        return every is not None and r % every == 0 and r < self.rounds
+
+    def _snapshot(self, r: int, result: CoordinatorResult) -> Snapshot:
+        """The state after round r, taken before round r + 1 begins."""
+        grid = self._grid
+        return checkpoint.take(
+            r,
+            model=self.arrays,
+            clock=self.clock,
+            strategy=self.strategy,
+            world=self.world,
+            client_states=grid.client_states() if isinstance(grid, PhasedGrid) else None,
+            initial_eval=result.initial_eval,
+        )
+
+    def _restore(self, snap: Snapshot, result: CoordinatorResult) -> None:
+        """Continue after round ``snap.round`` as if the run had never stopped."""
+        state = checkpoint.decode_tree(snap)
+        self.arrays = ArrayRecord({k: to_array(v) for k, v in snap.model.items()})
+        checkpoint.restore_strategy(self.strategy, state["strategy"])
+        if self.world is not None and state["world"] is not None:
+            self.world.restore(state["world"])
+        if state["clients"] is not None:
+            if not isinstance(self._grid, PhasedGrid):
+                raise RuntimeError("this engine cannot restore the clients' states")
+            self._grid.restore_client_states(state["clients"])
+        self.clock = snap.clock
+        result.rounds = list(snap.records)
+        result.initial_eval = snap.initial_eval
 
 
 @dataclass

@@ -111,6 +111,12 @@ class RayGrid(PhasedGrid):
         return self.pull_messages(ids)
 
     # -- fedsim extension ------------------------------------------------------------
+    def client_states(self) -> dict[int, RecordDict]:
+        return dict(self._pool.states)  # (each state is replaced, never changed in place)
+
+    def restore_client_states(self, states: dict[int, RecordDict]) -> None:
+        self._pool.states = dict(states)
+
     def submit_phase(self, messages: Iterable[Message], *, fold: bool = False) -> InFlight:
         """Send a phase's messages and return at once; ``collect_phase`` waits for the
         replies. A phase submitted while another is in flight is queued behind it on

@@ -74,6 +74,15 @@ class PhasedGrid(Grid):
     #: (else the coordinator does).
     screens_updates: bool = False
 
+    def client_states(self) -> dict[int, RecordDict]:
+        """Every client's persistent state, by client id (for a checkpoint)."""
+        return {}
+
+    def restore_client_states(self, states: dict[int, RecordDict]) -> None:
+        """Start from a :meth:`client_states` (a resumed run)."""
+        if states:
+            raise NotImplementedError(f"{type(self).__name__} keeps no client states")
+
     @abstractmethod
     def submit_phase(self, messages: Iterable[Message], *, fold: bool = False) -> Any:
         """Send a phase's messages; return a handle for ``collect_phase`` at once."""

@@ -126,7 +126,7 @@ class WorkerPool:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         one_node = len(alive) == 1 and alive[0]["NodeID"] == here
         if one_node and set(ray.get([a.node.remote() for a in self.actors])) == {here}:
-            self._shm = shm_dir()
+            self._shm, self._shm_lock = shm_dir()
 
     @property
     def shares_work(self) -> bool:
@@ -308,4 +308,5 @@ class WorkerPool:
         self.actors = []
         if self._shm is not None:
             shutil.rmtree(self._shm, ignore_errors=True)
+            os.close(self._shm_lock)
             self._shm = None

@@ -96,6 +96,7 @@ class Round:
     sent: dict[str, Sent | None] = field(default_factory=dict)  # stage name -> in flight
     t_from: float = 0.0  # perf_counter of the model update before this round
     t_update: float = 0.0  # and of this round's
+    snapshot: Any = None  # the run's state after this round, when a checkpoint is due
 
 
 class Stage(ABC):

@@ -17,7 +17,13 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from clients.app import build_client_app
 from fedsim.data import AnyFederation as Federation
-from fedsim.engine.coordinator import CoordinatorResult, ParticipationHook, RoundHook
+from fedsim.engine.checkpoint import Snapshot
+from fedsim.engine.coordinator import (
+    CheckpointHook,
+    CoordinatorResult,
+    ParticipationHook,
+    RoundHook,
+)
 from fedsim.engine.grid import RayGrid
 from fedsim.engine.malloc import keep_freed_buffers
 from fedsim.engine.pool import WorkerPool
@@ -100,8 +106,15 @@ class Engine:
         world: World,
         on_round: RoundHook | None = None,
         on_participation: ParticipationHook | None = None,
+        *,
+        on_checkpoint: CheckpointHook | None = None,
+        resume: Snapshot | None = None,
     ) -> EngineResult:
+        """Run the scenario's rounds (after ``resume``'s round when given), calling the
+        hooks as rounds end and checkpoints fall due."""
         self._on_participation = on_participation
+        self._on_checkpoint = on_checkpoint
+        self._resume = resume
         self._world = world
         if self.scn.simulation.engine == "flower":
             return self._run_flower(fed, on_round)
@@ -136,7 +149,14 @@ class Engine:
             )
             outcome = ServerOutcome()
             app = build_server_app(
-                scn, fed, self._world, outcome, on_round, on_participation=self._on_participation
+                scn,
+                fed,
+                self._world,
+                outcome,
+                on_round,
+                on_participation=self._on_participation,
+                on_checkpoint=self._on_checkpoint,
+                resume=self._resume,
             )
             context = Context(
                 run_id=1,
@@ -165,6 +185,8 @@ class Engine:
             on_round,
             stop=stop,
             on_participation=self._on_participation,
+            on_checkpoint=self._on_checkpoint,
+            resume=self._resume,
         )
         client_app = build_client_app(scn.model_dump_json())
         res = scn.simulation.client_resources

@@ -59,6 +59,7 @@ def screen(
     if base is None:
         raise ValueError("a training instruction carries no ArrayRecord")
     try:
+        limits.check_size(reply.content, base)
         arrays, metrics = records(reply.content)
         weight = check_metrics(metrics, limits.cap(cid, training=True), training=True)
         update = check_update(arrays, base)
@@ -93,6 +94,7 @@ def checked(reply: Message, msg: Message, cid: int, limits: ReplyLimits) -> Mess
     if reply.has_error():
         return reply
     try:
+        limits.check_size(reply.content, array_record(msg.content))
         _, metrics = records(reply.content)
         check_metrics(metrics, limits.cap(cid, training=False), training=False)
     except ValueError as exc:

@@ -12,7 +12,9 @@ from flwr.serverapp import Grid, ServerApp
 from clients.training import evaluate_model
 from fedsim.arrays import torch_state
 from fedsim.data import AnyFederation as Federation
+from fedsim.engine.checkpoint import Snapshot
 from fedsim.engine.coordinator import (
+    CheckpointHook,
     Coordinator,
     CoordinatorResult,
     ParticipationHook,
@@ -67,6 +69,8 @@ def build_coordinator(
     on_round: RoundHook | None,
     stop: threading.Event | None = None,
     on_participation: ParticipationHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    resume: Snapshot | None = None,
 ) -> Coordinator:
     s = scn.strategy
     return Coordinator(
@@ -87,8 +91,11 @@ def build_coordinator(
         on_participation=on_participation,
         lookahead=type(s).overlaps_evaluation,
         chains=Chains.of(scn.transforms, seed=scn.run.seed),
-        limits=ReplyLimits.of(fed, scn.coordinator.max_examples),
+        limits=ReplyLimits.of(fed, scn.coordinator.max_examples, scn.coordinator.max_reply_bytes),
         attack=scn.attack,
+        checkpoint_every=scn.run.checkpoint_every,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
     )
 
 
@@ -101,6 +108,8 @@ def build_server_app(
     *,
     stop: threading.Event | None = None,
     on_participation: ParticipationHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    resume: Snapshot | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
@@ -108,7 +117,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             outcome.result = build_coordinator(
-                scn, fed, world, on_round, stop, on_participation
+                scn, fed, world, on_round, stop, on_participation, on_checkpoint, resume
             ).run(grid)
         except BaseException as exc:  # re-raised by the engine after the runtime stops
             outcome.error = exc

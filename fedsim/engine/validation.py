@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedsim.engine.fold import WEIGHT_KEY, Sums, update_of
 
@@ -42,10 +42,28 @@ class ReplyLimits:
     train_sizes: np.ndarray | None = None
     test_sizes: np.ndarray | None = None
     max_examples: int | None = None
+    #: Largest reply in bytes (None: the model's size plus ``SLACK_BYTES``).
+    max_reply_bytes: int | None = None
 
     @classmethod
-    def of(cls, fed: AnyFederation, max_examples: int | None = None) -> ReplyLimits:
-        return cls(fed.train_sizes(), fed.test_sizes(), max_examples)
+    def of(
+        cls,
+        fed: AnyFederation,
+        max_examples: int | None = None,
+        max_reply_bytes: int | None = None,
+    ) -> ReplyLimits:
+        return cls(fed.train_sizes(), fed.test_sizes(), max_examples, max_reply_bytes)
+
+    def check_size(self, content: RecordDict, model: ArrayRecord | None) -> None:
+        """Raise Invalid for a reply larger than ``max_reply_bytes`` (default: the
+        model's bytes plus ``SLACK_BYTES`` for metrics): counted from the records'
+        lengths, before any of it is read."""
+        limit = self.max_reply_bytes
+        if limit is None:
+            limit = SLACK_BYTES + (0 if model is None else _array_bytes(model))
+        size = reply_bytes(content)
+        if size > limit:
+            raise Invalid(f"reply of {size:,} bytes exceeds the limit of {limit:,}")
 
     def cap(self, cid: int, *, training: bool) -> int | None:
         """The most examples client ``cid`` can report for a task (None: no limit)."""
@@ -55,6 +73,30 @@ class ReplyLimits:
             # A client id the simulation does not know holds nothing.
             caps.append(int(sizes[cid]) if 0 <= cid < len(sizes) else 0)
         return min(caps) if caps else None
+
+
+#: Room for a reply's metrics and config beyond the model's arrays (default limit).
+SLACK_BYTES = 1 << 20
+
+
+def _array_bytes(rec: ArrayRecord) -> int:
+    return sum(len(a.data) for a in rec.values())
+
+
+def reply_bytes(content: RecordDict) -> int:
+    """A reply's size in bytes, from its records' lengths (arrays: their data; metrics
+    and configs: 8 bytes a number, strings and bytes by length, keys included)."""
+    total = 0
+    for key, rec in content.items():
+        total += len(key)
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(k) + len(a.data) for k, a in rec.items())
+            continue
+        for k, v in rec.items():
+            total += len(k)
+            for item in v if isinstance(v, list) else (v,):
+                total += len(item) if isinstance(item, str | bytes) else 8
+    return total
 
 
 def _finite_number(value: object) -> bool:

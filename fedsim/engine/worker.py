@@ -50,7 +50,12 @@ class ClientWorker:
             env = _env(self._spec_json)
             scn = env.scenario
             chains = Chains.of(scn.transforms, seed=scn.run.seed)
-            self._screening = chains, ReplyLimits.of(env.federation, scn.coordinator.max_examples)
+            self._screening = (
+                chains,
+                ReplyLimits.of(
+                    env.federation, scn.coordinator.max_examples, scn.coordinator.max_reply_bytes
+                ),
+            )
             # Under an omniscient attack the coordinator crafts the attackers' replies
             # and then screens every training reply itself.
             self._screens = not (scn.attack.active and type(scn.attack).omniscient)

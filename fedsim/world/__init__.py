@@ -6,7 +6,7 @@ in virtual time, and who drops out. Pure numpy models, consulted by the coordina
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,15 @@ class World:
         self.batch_size = client.batch_size
         self.train_sizes = train_sizes
         self._queries = 0
+
+    def state(self) -> dict[str, Any]:
+        """What the world changed as the run went (availability draws), for a checkpoint."""
+        return {"queries": self._queries, "availability": self.availability.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state` of the same scenario's world."""
+        self._queries = int(state["queries"])
+        self.availability.restore(state["availability"])
 
     def online(self, t: float) -> np.ndarray | None:
         """Mask of the clients online at virtual time ``t`` (None: everyone)."""

@@ -55,7 +55,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -97,6 +97,17 @@ class AvailabilityModel(ABC):
         """Boolean mask, shape (num_clients,), of the clients online at virtual time ``t``
         (seconds); ``None`` means every client. ``t`` never decreases between calls;
         ``query`` grows by one per call."""
+
+    def state(self) -> dict[str, Any]:
+        """What ``online`` changed since construction, for a checkpoint: numpy arrays,
+        numbers and plain containers (``fedsim.state``). A model whose ``online`` keeps
+        state between calls must override this and :meth:`restore`."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state` of a model built from the same spec and seed."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
 
 
 def build_availability(spec: AvailabilitySpec, *, num_clients: int, seed: int) -> AvailabilityModel:
@@ -169,6 +180,20 @@ class MarkovOnline(AvailabilityModel):
             self._next[idx] += self._rng.exponential(1.0, idx.size) * mean
             idx = idx[self._next[idx] <= t]
         return self._on.copy()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "on": self._on,
+            "next": self._next,
+            "t": self._t,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._on = np.asarray(state["on"], dtype=bool).copy()
+        self._next = np.asarray(state["next"], dtype=np.float64).copy()
+        self._t = float(state["t"])
+        self._rng.bit_generator.state = state["rng"]
 
 
 @AVAILABILITY.register("diurnal")

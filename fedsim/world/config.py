@@ -290,6 +290,13 @@ class CoordinatorSection(Section):
         description="Largest num-examples a client's reply may claim; a reply above it is "
         "rejected. Simulation also caps each client at its own shard size.",
     )
+    max_reply_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Largest reply in bytes; a larger one is rejected ('exceeds the "
+        "limit') where it arrives, before its contents are read (fedsim's workers: before "
+        "it is sent to the coordinator). Default: the model's size plus 1 MiB.",
+    )
 
     @property
     def active(self) -> bool:

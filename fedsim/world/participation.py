@@ -21,6 +21,7 @@ The log is streamed: rows are written (and flushed) round by round, never kept i
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from types import TracebackType
@@ -55,7 +56,17 @@ class ParticipationLog:
     the file grows with the cohort size rather than the population; ``full`` says which.
     """
 
-    def __init__(self, path: Path, num_clients: int, *, max_full_clients: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        num_clients: int,
+        *,
+        max_full_clients: int = 10_000,
+        keep_rounds: int | None = None,
+    ) -> None:
+        """A new log at ``path``; with ``keep_rounds`` (a resumed run), the existing
+        file's rows of rounds 1..keep_rounds are kept (a torn last line dropped) and
+        later rounds are appended."""
         if num_clients < 0:
             raise ValueError(f"num_clients must be >= 0, got {num_clients}")
         self.path = Path(path)
@@ -67,7 +78,11 @@ class ParticipationLog:
             if self.full
             else None
         )
-        self._fh: io.TextIOBase | None = open(self.path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        if keep_rounds is not None and self.path.exists():
+            _truncate_rounds(self.path, keep_rounds)
+            self._fh: io.TextIOBase | None = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
+            return
+        self._fh = open(self.path, "w", encoding="utf-8", newline="")  # noqa: SIM115
         self._fh.write(HEADER + "\n")
         self._fh.flush()
 
@@ -160,6 +175,27 @@ class ParticipationLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _truncate_rounds(path: Path, keep: int) -> None:
+    """Keep the header and the complete rows of rounds 1..keep (rows are in round order)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with (
+        open(path, encoding="utf-8", newline="") as src,
+        open(tmp, "w", encoding="utf-8", newline="") as dst,
+    ):
+        header = src.readline()
+        if header.strip() != HEADER:
+            raise ValueError(f"{path}: not a participation.csv (header {header!r})")
+        dst.write(HEADER + "\n")
+        for line in src:
+            head, sep, _ = line.partition(",")
+            if not line.endswith("\n") or not sep or not head.isdigit() or int(head) > keep:
+                break
+            dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
 
 
 def _code(status: str) -> int:
