@@ -37,6 +37,7 @@ TARGETS = {
     "1M population round within 15%": ("derived", "population_1M_over_1k", "<=", 1.15),
     "dormant client <= 1 KB on driver": ("derived", "dormant_bytes_per_client", "<=", 1024.0),
     "tiny peak tree memory <= 1.6 GB": ("tiny-100of1k", "fedsim_peak_tree_mb", "<=", 1600.0),
+    "central DP adds <= 5% to tiny": ("derived", "dp_over_tiny", "<=", 1.05),
 }
 
 
@@ -195,6 +196,9 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if f and "fedsim_steady_s" in f:
         # Round time with 2 one-example clients: the fixed cost (plus that tiny work).
         out["fixed_ms_per_round"] = 1000 * f["fedsim_steady_s"]
+    d = rows.get("tiny-dp")
+    if a and d and "fedsim_steady_s" in d:
+        out["dp_over_tiny"] = d["fedsim_steady_s"] / a["fedsim_steady_s"]
     m = rows.get("tiny-100of1M")
     if a and m and "fedsim_steady_s" in m:
         out["population_1M_over_1k"] = m["fedsim_steady_s"] / a["fedsim_steady_s"]

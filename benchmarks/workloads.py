@@ -61,6 +61,18 @@ WORKLOADS: dict[str, Workload] = {
             note="as tiny-100of1k with a population of 1,000,000",
         ),
         Workload(
+            "tiny-dp",
+            (
+                "privacy.dp.mode=central",
+                "privacy.dp.clip_norm=1.0",
+                "privacy.dp.noise_multiplier=1.0",
+                "privacy.delta=1e-5",
+            ),
+            contenders=("fedsim",),
+            note="as tiny-100of1k with central DP (clip, equal weights, noise, RDP per "
+            "round); the same fixed-size cohorts, so its round time compares with tiny's",
+        ),
+        Workload(
             "fixed",
             (
                 "strategy.clients_per_round=2",
@@ -79,4 +91,4 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M", "fixed")
-FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M", "fixed")
+FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M", "fixed", "tiny-dp")

@@ -45,6 +45,29 @@ def plot_curves(records: list[dict[str, Any]], out_dir: Path, title: str) -> lis
     return written
 
 
+def plot_privacy(records: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """privacy.png: epsilon (left axis) and test accuracy (right) against rounds, for a
+    run with differential privacy (False, nothing written, without)."""
+    xs, eps = _series(records, "dp_epsilon")
+    if not xs:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(xs, eps, color="tab:red", label="epsilon")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon", color="tab:red")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    rounds, acc = _series(records, "eval_accuracy")
+    if rounds:
+        ax2.plot(rounds, acc, color="tab:blue", label="test accuracy")
+    ax2.set_ylabel("test accuracy", color="tab:blue")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def plot_label_heatmap(summary: dict[str, Any], path: Path) -> None:
     """Clients x classes heatmap of training-label counts (an even sample of clients)."""
     clients = summary["clients"]

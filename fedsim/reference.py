@@ -121,14 +121,21 @@ _ATTACK_DOC = (
 )
 
 
+_PRIVACY_DOC = (
+    "Differential privacy: the mechanism in `[privacy.dp]` (by `mode`), how it is "
+    'accounted and the budget. See "Differential privacy" above for what each '
+    "setting means for the guarantee."
+)
+
+
 def render() -> str:
     from fedsim.attack_params import ATTACKS, AttackParams
     from fedsim.client_params import CLIENTS, ClientParams
     from fedsim.data import DATASETS, PARTITIONERS
     from fedsim.models import MODELS
+    from fedsim.privacy.config import DP_MODES, PrivacySection
     from fedsim.scenario import (
         ClientResources,
-        PrivacySection,
         RunSection,
         SimulationSection,
         refresh_schema,
@@ -190,12 +197,11 @@ def render() -> str:
     lines += table(AttackParams, "attack.", skip=("kind",))
     common_attack = tuple(k for k in AttackParams.model_fields if k != "kind")
     lines += [""] + _variants("attack", "kind", ATTACKS, "attack.", common_attack)
-    lines += ["### `[privacy]`", ""]
-    lines += [
-        f"Reserved: {PrivacySection.__doc__.strip()} The table may be present but must be empty.",
-        "",
-        END,
-    ]
+    lines += ["### `[privacy]`", "", _PRIVACY_DOC, ""]
+    lines += table(PrivacySection, "privacy.", skip=("dp",))
+    lines += ["", "### `[privacy.dp]`", ""]
+    lines += _variants("DP mode", "mode", DP_MODES, "privacy.dp.", ())
+    lines += [END]
     return "\n".join(lines)
 
 

@@ -14,8 +14,15 @@ from fedsim.data import AnyFederation as Federation
 from fedsim.data import load_federation, partition_summary
 from fedsim.errors import ScenarioError
 from fedsim.models import MAX_PARAMETERS, build_model, count_parameters, planned_parameters
-from fedsim.plots import plot_curves, plot_label_heatmap, plot_online, plot_participation
+from fedsim.plots import (
+    plot_curves,
+    plot_label_heatmap,
+    plot_online,
+    plot_participation,
+    plot_privacy,
+)
 from fedsim.plugins import is_file
+from fedsim.privacy.ledger import Ledger, calibrated
 from fedsim.progress import Progress
 from fedsim.results import (
     MODEL_FILE,
@@ -173,14 +180,27 @@ def execute(
     out = out if out is not None else default_out_dir(scn.run.name)
     check_out_dir(out)
     prep = prepare(scn)
+    text = scn.to_toml()  # what the user asked for (a calibrated z is derived from it)
+    scn = _calibrate(scn, progress)
     with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
         run_dir = RunDir(out)
         try:
-            text = scn.to_toml()
             run_dir.write_text(SCENARIO_FILE, text)
         except BaseException as exc:
             _abandon(run_dir, exc)
         return _execute(scn, text, prep, engine, run_dir, progress, t_start, None)
+
+
+def _calibrate(scn: Scenario, progress: Progress | None) -> Scenario:
+    """The scenario with privacy.target_epsilon turned into a noise multiplier."""
+    scn, z = calibrated(scn)
+    if z is not None and progress is not None:
+        p = scn.privacy
+        progress.message(
+            f"privacy: noise multiplier z = {z:.4f} spends epsilon {p.target_epsilon:g} "
+            f"(delta {p.delta:g}, {p.accountant}) over {scn.run.rounds} rounds"
+        )
+    return scn
 
 
 def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
@@ -203,6 +223,7 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
             raise ScenarioError([("--resume", f"{path}: {line}") for line in exc.lines()]) from None
         snap = read_checkpoint(run_dir.tmp, hashlib.sha256(text.encode()).hexdigest())
         prep = prepare(scn)
+        scn = _calibrate(scn, progress)
         # What stopped the run is history once it continues.
         run_dir.path("error.txt").unlink(missing_ok=True)
         if progress is not None:
@@ -220,6 +241,11 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
         return _execute(scn, text, prep, engine, run_dir, progress, t_start, snap)
     finally:
         engine.__exit__(None, None, None)
+
+
+def _privacy(scn: Scenario, records: list[dict[str, Any]]) -> dict[str, Any]:
+    ledger = Ledger.of(scn)
+    return {"dp_mode": "none"} if ledger is None else ledger.summary(records, scn.run.rounds)
 
 
 def _abandon(run_dir: RunDir, exc: BaseException) -> NoReturn:
@@ -279,6 +305,7 @@ def _execute(
             run_dir.path(PARTICIPATION_FILE), run_dir.path("participation.png"), scn.num_clients
         )
         plot_online(records, run_dir.path("online.png"))
+        plot_privacy(records, run_dir.path("privacy.png"), scn.run.name)
         init = result.coordinator.initial_eval or {}
         summary = {
             "name": scn.run.name,
@@ -299,6 +326,7 @@ def _execute(
             "model_sha256": hashlib.sha256(run_dir.path(MODEL_FILE).read_bytes()).hexdigest(),
             "scenario_sha256": scenario_sha256,
             "resumed_after_round": None if snap is None else snap.round,
+            **_privacy(scn, records),
             "wall_s": time.perf_counter() - t_start,
             **result.timings,
             "versions": versions(),

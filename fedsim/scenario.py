@@ -25,10 +25,11 @@ from fedsim.data import DATASETS
 from fedsim.errors import ScenarioError
 from fedsim.models import MODELS, ModelSpec
 from fedsim.plugins import load_builtins, load_plugins
+from fedsim.privacy.config import PrivacySection, check_privacy
 from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 from fedsim.strategy_params import STRATEGIES, StrategyParams
-from fedsim.transforms import TRANSFORMS, AggregateTransform, UpdateTransform
+from fedsim.transforms import TRANSFORMS, AggregateTransform, Chains, UpdateTransform
 from fedsim.world.config import ChurnSection, CoordinatorSection, SystemSection
 
 
@@ -99,10 +100,6 @@ class SimulationSection(Section):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per client worker.")
 
 
-class PrivacySection(Section):
-    """Reserved for privacy (DP-SGD, secure aggregation): off in this release."""
-
-
 def _default(registry: Registry[Any]) -> Any:
     """The registry's default entry with its defaults (built-ins loaded first)."""
     load_builtins()
@@ -138,6 +135,16 @@ class Scenario(Section):
     @property
     def num_clients(self) -> int:
         return self.data.num_clients
+
+    def chains(self, noise_multiplier: float | None = None) -> Chains:
+        """The transforms the engine runs on updates: the scenario's own, then the DP
+        mechanism's (clipping last among the per-update ones, so it bounds what is
+        folded; noise on the mean). ``noise_multiplier``: a calibrated z, where the
+        scenario leaves it to privacy.target_epsilon."""
+        from fedsim.privacy.mechanisms import mechanism_transforms
+
+        extra = mechanism_transforms(self, noise_multiplier)
+        return Chains.of([*self.transforms, *extra], seed=self.run.seed, equal_weights=bool(extra))
 
     @property
     def train_cohort(self) -> int:
@@ -347,11 +354,45 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                 "simulation.engine = 'fedsim'",
             )
         )
+    problems += check_privacy(
+        scn.privacy,
+        num_clients=n,
+        weighted_mean=type(s).weighted_mean,
+        strategy=s.name,
+        mean_strategies=[x for x in STRATEGIES.names() if STRATEGIES.params(x).weighted_mean],
+    )
+    problems += _check_sampling(scn)
     if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
         problems.append(
             (
                 "simulation.num_workers",
                 "not used by engine 'flower' (it sizes its pool from client_resources)",
+            )
+        )
+    return problems
+
+
+def _check_sampling(scn: Scenario) -> list[tuple[str, str]]:
+    """What the accountant can account for the sampling the coordinator does."""
+    p, co = scn.privacy, scn.coordinator
+    if not p.active:
+        return []
+    problems: list[tuple[str, str]] = []
+    if p.assume_sampling is not None and p.assume_sampling != co.sampling:
+        problems.append(
+            (
+                "privacy.assume_sampling",
+                f"'{p.assume_sampling}' but coordinator.sampling = '{co.sampling}': only the "
+                "sampling that is done can be assumed",
+            )
+        )
+    amplified = not scn.churn.active or p.assume_sampling is not None
+    if p.accountant == "pld" and co.sampling == "fixed" and amplified:
+        problems.append(
+            (
+                "privacy.accountant",
+                "'pld' has no event for fixed-size sampling (without replacement): use "
+                "coordinator.sampling = 'poisson' or privacy.accountant = 'rdp'",
             )
         )
     return problems
@@ -373,6 +414,14 @@ def _check_world(scn: Scenario) -> list[tuple[str, str]]:
                 "coordinator.wait_step_s",
                 f"max_wait_s / wait_step_s = {co.max_wait_s / co.wait_step_s:.3g} checks of "
                 f"who is online per round: at most {MAX_WAIT_CHECKS:,}",
+            )
+        )
+    if co.sampling == "poisson" and co.over_commit > 1:
+        problems.append(
+            (
+                "coordinator.over_commit",
+                "not used with coordinator.sampling = 'poisson' (a Poisson cohort is "
+                "aggregated whole; raise strategy.clients_per_round for more clients)",
             )
         )
     if co.straggler_policy == "partial" and co.deadline_s is None:

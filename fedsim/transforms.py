@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
@@ -46,6 +46,8 @@ class UpdateContext:
     cid: int  # the client (-1 at the coordinator, for an aggregate transform)
     weight: float  # the update's weight in the mean (num-examples; the total, aggregated)
     position: int = 0  # the transform's position in the chain
+    # What transforms report about this update (e.g. dp_clipped), added to its metrics.
+    notes: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def rng(self) -> np.random.Generator:
@@ -119,19 +121,39 @@ class Chains:
     update: tuple[UpdateTransform, ...] = ()
     aggregate: tuple[AggregateTransform, ...] = ()
     seed: int = 0
+    # Every accepted update weighs 1 in the mean (and in the metrics' mean) instead of
+    # its num-examples: DP-FedAvg's equal weights, which keep one client's influence
+    # bounded by its clipped norm.
+    equal_weights: bool = False
 
     @classmethod
-    def of(cls, transforms: list[Section], *, seed: int) -> Chains:
+    def of(cls, transforms: list[Section], *, seed: int, equal_weights: bool = False) -> Chains:
         return cls(
             tuple(t for t in transforms if isinstance(t, UpdateTransform)),
             tuple(t for t in transforms if isinstance(t, AggregateTransform)),
             seed,
+            equal_weights,
         )
 
-    def screen(self, update: Update, *, server_round: int, cid: int, weight: float) -> Update:
-        """Run the per-update chain (raises Rejected)."""
+    def weight(self, num_examples: float) -> float:
+        """An accepted update's weight in the mean."""
+        return 1.0 if self.equal_weights else num_examples
+
+    def screen(
+        self,
+        update: Update,
+        *,
+        server_round: int,
+        cid: int,
+        weight: float,
+        notes: dict[str, float] | None = None,
+    ) -> Update:
+        """Run the per-update chain (raises Rejected); what the transforms report about
+        the update goes into ``notes``."""
+        notes = {} if notes is None else notes
         for i, t in enumerate(self.update):
-            update = t.apply(update, UpdateContext(self.seed, server_round, cid, weight, i))
+            ctx = UpdateContext(self.seed, server_round, cid, weight, i, notes)
+            update = t.apply(update, ctx)
         return update
 
     def finish(self, mean: Update, *, server_round: int, weight: float) -> Update:

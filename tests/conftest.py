@@ -45,3 +45,11 @@ def ray_cluster(_ray_session):
     """A running Ray; re-started if a test (Flower's runtime) shut it down."""
     _init_ray()
     yield
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message constructor reads the identity of the task running it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1

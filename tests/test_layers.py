@@ -28,10 +28,11 @@ LAYERS: list[tuple[str, ...]] = [
         "fedsim.strategy_params",
         "fedsim.attack_params",
         "fedsim.transforms",
+        "fedsim.privacy",
     ),
     ("fedsim.scenario", "fedsim.reference"),
     ("strategies", "clients"),
-    ("fedsim.engine",),
+    ("fedsim.engine", "fedsim.privacy.ledger"),  # (the ledger reads a whole Scenario)
     ("fedsim.results", "fedsim.plots", "fedsim.progress"),
     ("fedsim.runner", "fedsim.cli", "fedsim.__init__", "fedsim"),
 ]

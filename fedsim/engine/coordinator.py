@@ -11,6 +11,7 @@ stage runs, overlapping a round's last stages with the next round, is decided he
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from fedsim.transforms import Chains
 from fedsim.world.config import CoordinatorSection
 
 if TYPE_CHECKING:
+    from fedsim.privacy.ledger import Ledger
     from fedsim.world import World
 
 log = logging.getLogger("fedsim")
@@ -107,6 +109,7 @@ class Coordinator:
         checkpoint_every: int | None = None,
         on_checkpoint: CheckpointHook | None = None,
         resume: Snapshot | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -148,11 +151,20 @@ class Coordinator:
         self.checkpoint_every = checkpoint_every
         self.on_checkpoint = on_checkpoint
         self.resume = resume
+        # Differential privacy: epsilon after each round; with privacy.stop_at_budget the
+        # run ends before the round that would exceed the budget.
+        self.ledger = ledger
+        if ledger is not None:
+            self.rounds = ledger.max_rounds(rounds)
 
     def sample(
         self, server_round: int, phase: str, k: int, online: np.ndarray | None = None
     ) -> list[int]:
-        """k distinct clients, sorted; among the ``online`` mask's clients when given."""
+        """k distinct clients, sorted; among the ``online`` mask's clients when given.
+        Training cohorts under ``coordinator.sampling = "poisson"``: each (online)
+        client independently with probability k / num_clients."""
+        if phase == "train" and self.policy.sampling == "poisson":
+            return self._poisson(server_round, k, online)
         if online is None:
             return sample_clients(self.seed, server_round, phase, k, self.num_clients)
         ids = np.flatnonzero(online)
@@ -160,6 +172,18 @@ class Coordinator:
             return ids.tolist()
         rng = np_rng(self.seed, f"sample-online-{phase}", server_round)
         return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
+
+    def _poisson(self, server_round: int, k: int, online: np.ndarray | None) -> list[int]:
+        # q from the configured cohort, not from k (which is capped by who is online)
+        k = math.ceil(self.train_cohort * self.policy.over_commit - 1e-9)
+        q = min(1.0, k / self.num_clients)
+        rng = np_rng(self.seed, "sample-poisson-train", server_round)
+        # One uniform per client of the population, online or not, so a client's draw
+        # does not depend on who else is online.
+        chosen = rng.random(self.num_clients) < q
+        if online is not None:
+            chosen &= online
+        return np.flatnonzero(chosen).tolist()
 
     # -- services the stages use ---------------------------------------------------
     def wait_for_clients(self, server_round: int) -> tuple[np.ndarray | None, int]:
@@ -198,7 +222,9 @@ class Coordinator:
             timing,
             steps,
             dropped,
-            k=self.train_cohort,
+            # Poisson cohorts are aggregated whole: their size is the sampling's, and
+            # over_commit's "first K" would cut it by speed.
+            k=len(cids) if p.sampling == "poisson" else self.train_cohort,
             deadline_s=p.deadline_s,
             partial=p.straggler_policy == "partial",
             min_replies=p.min_replies,

@@ -171,9 +171,13 @@ def combine(blocks: list[Block]) -> Sums | None:
     return None
 
 
-def fold_metrics(parts: list[MetricRecord]) -> MetricRecord:
-    """Flower's ``aggregate_metricrecords`` arithmetic, with the summed ``num-examples``."""
-    weights = [float(m[WEIGHT_KEY]) for m in parts]  # type: ignore[arg-type]
+def fold_metrics(
+    parts: list[MetricRecord], weight_of: Callable[[float], float] | None = None
+) -> MetricRecord:
+    """Flower's ``aggregate_metricrecords`` arithmetic, with the summed ``num-examples``;
+    ``weight_of`` maps a reply's num-examples to its weight (default: itself)."""
+    n = [float(m[WEIGHT_KEY]) for m in parts]  # type: ignore[arg-type]
+    weights = n if weight_of is None else [weight_of(x) for x in n]
     total = sum(weights)
     factors = [w / total for w in weights]
     agg_metrics: dict[str, Any] = {}
@@ -191,7 +195,8 @@ def fold_metrics(parts: list[MetricRecord]) -> MetricRecord:
                 agg_metrics[key] = (
                     value * f if key not in agg_metrics else agg_metrics[key] + value * f
                 )
-    w_total = int(total) if all(isinstance(m[WEIGHT_KEY], int) for m in parts) else total
+    examples = sum(n)
+    w_total = int(examples) if all(isinstance(m[WEIGHT_KEY], int) for m in parts) else examples
     agg_metrics[WEIGHT_KEY] = w_total
     return MetricRecord(agg_metrics)
 
@@ -211,6 +216,7 @@ def fold_weighted_mean(
     blocks: list[Block] | None = None,
     updates: list[Sums | None] | None = None,
     finish: Callable[[Sums, float], Sums] | None = None,
+    weight_of: Callable[[float], float] | None = None,
 ) -> Message | None:
     """One reply with the example-weighted mean of the successful replies (or None).
 
@@ -220,19 +226,21 @@ def fold_weighted_mean(
     ``blocks`` (partial sums pre-folded by workers; the replies then carry metrics
     only), else from ``updates`` (each reply's update, already through the per-update
     transforms), else from the replies' own arrays. ``finish`` transforms the mean
-    update (the aggregate transforms) before it is added to ``w_t``. The result takes
-    the dtypes of the model.
+    update (the aggregate transforms) before it is added to ``w_t``; ``weight_of`` maps
+    a reply's num-examples to its weight (``Chains.weight``; default: itself). The
+    result takes the dtypes of the model.
     """
+    weigh = (lambda n: n) if weight_of is None else weight_of
     ok = [r is not None and not r.has_error() for r in replies]
     metrics = [records(r.content)[1] for r, good in zip(replies, ok, strict=True) if good]  # type: ignore[union-attr]
     if not metrics:
         return None
-    content: dict[str, Any] = {"metrics": fold_metrics(metrics)}
+    content: dict[str, Any] = {"metrics": fold_metrics(metrics, weight_of)}
     if with_arrays:
         base = array_record(reply_to.content)
         if base is None:
             raise ValueError("a training instruction carries no ArrayRecord")
-        weight = sum(float(m[WEIGHT_KEY]) for m in metrics)  # type: ignore[arg-type]
+        weight = sum(weigh(float(m[WEIGHT_KEY])) for m in metrics)  # type: ignore[arg-type]
         if blocks is None:
             tree = TreeFold()
             for pos, (r, good) in enumerate(zip(replies, ok, strict=True)):
@@ -245,7 +253,8 @@ def fold_weighted_mean(
                         raise ValueError("a training reply carries no ArrayRecord")
                     else:
                         update = update_of(arrays, base)
-                    term = None if update is None else leaf(update, float(m[WEIGHT_KEY]))  # type: ignore[arg-type]
+                    w = weigh(float(m[WEIGHT_KEY]))  # type: ignore[arg-type]
+                    term = None if update is None else leaf(update, w)
                 tree.add(pos, term)
             blocks = tree.blocks
         total = combine(blocks)

@@ -42,6 +42,7 @@ from fedsim.engine.screening import (
     rejection,
     screen_replies,
 )
+from fedsim.privacy.mechanisms import CLIPPED
 from fedsim.world.participation import REJECTED
 
 if TYPE_CHECKING:
@@ -187,6 +188,7 @@ class TrainStage(Stage):
                     blocks=replies.blocks,
                     updates=updates,
                     finish=finish_mean(co.chains, rnd.number),
+                    weight_of=co.chains.weight,
                 )
                 to_strategy = [folded] if folded is not None else []
             else:
@@ -233,6 +235,10 @@ class TrainStage(Stage):
         rec.clients_late = sum(1 for v in status.values() if v == LATE)
         rec.clients_rejected = rejected
         rec.clients_aggregated = 0 if rec.round_skipped else n_agg
+        if co.ledger is not None:
+            rec.extra["dp_epsilon"] = co.ledger.epsilon(rnd.number)
+            clipped = _metric(metrics, CLIPPED)  # a mean of 0/1 notes: round off its ulps
+            rec.extra["dp_clipped_fraction"] = None if clipped is None else round(clipped, 9)
         if co.attack is not None:
             attackers = [c for c in rnd.selected if c in co.attackers]
             rec.extra["attackers_selected"] = len(attackers)

@@ -70,15 +70,22 @@ def screen(
     # Transforms see the floating arrays only: an integer buffer (BatchNorm's batch count)
     # is no part of an update's norm.
     floats = {k: d for k, d in update.items() if _floating(base[k])}
+    notes: dict[str, float] = {}
     try:
         floats = chains.screen(
-            floats, server_round=round_of(instruction_config(msg)), cid=cid, weight=weight
+            floats,
+            server_round=round_of(instruction_config(msg)),
+            cid=cid,
+            weight=weight,
+            notes=notes,
         )
     except Rejected as exc:
         return rejected(msg, str(exc)), None
     except Exception as exc:  # a broken transform fails its client, not the run
         reason = f"update transform failed: {type(exc).__name__}: {exc}"
         return _failed(msg, reason, ErrorCode.CLIENT_APP_RAISED_EXCEPTION), None
+    for k, v in notes.items():  # (the metrics were validated; notes are finite)
+        metrics[k] = float(v)
     seen: set[int] = set()
     for k, d in floats.items():
         # The fold adds into these in place: never into a read-only or shared array.

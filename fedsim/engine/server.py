@@ -22,7 +22,7 @@ from fedsim.engine.coordinator import (
 )
 from fedsim.engine.validation import ReplyLimits
 from fedsim.models import build_model
-from fedsim.transforms import Chains
+from fedsim.privacy.ledger import Ledger
 from fedsim.world import World
 
 if TYPE_CHECKING:
@@ -90,12 +90,13 @@ def build_coordinator(
         policy=scn.coordinator,
         on_participation=on_participation,
         lookahead=type(s).overlaps_evaluation,
-        chains=Chains.of(scn.transforms, seed=scn.run.seed),
+        chains=scn.chains(),
         limits=ReplyLimits.of(fed, scn.coordinator.max_examples, scn.coordinator.max_reply_bytes),
         attack=scn.attack,
         checkpoint_every=scn.run.checkpoint_every,
         on_checkpoint=on_checkpoint,
         resume=resume,
+        ledger=Ledger.of(scn),
     )
 
 

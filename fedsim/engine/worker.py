@@ -49,7 +49,7 @@ class ClientWorker:
 
             env = _env(self._spec_json)
             scn = env.scenario
-            chains = Chains.of(scn.transforms, seed=scn.run.seed)
+            chains = scn.chains()
             self._screening = (
                 chains,
                 ReplyLimits.of(
@@ -196,7 +196,7 @@ class ClientWorker:
         # Only the model arrays are folded away; any other record stays with the reply.
         model = array_record(reply.content)
         reply.content = RecordDict({k: r for k, r in reply.content.items() if r is not model})
-        return reply, leaf(update, float(metrics[WEIGHT_KEY]))  # type: ignore[arg-type]
+        return reply, leaf(update, chains.weight(float(metrics[WEIGHT_KEY])))  # type: ignore[arg-type]
 
 
 class PhaseOutput(NamedTuple):

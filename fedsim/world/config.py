@@ -250,6 +250,14 @@ class SystemSection(Section):
 class CoordinatorSection(Section):
     """Policies the coordinator wraps around any strategy (times are virtual seconds)."""
 
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="How training clients are drawn each round among the online ones: "
+        "'fixed', K distinct clients uniformly (without replacement); 'poisson', each "
+        "independently with probability q = K / data.num_clients, so the cohort's size "
+        "varies (the sampling DP accounting amplifies best). K = strategy.clients_per_round "
+        "(times over_commit).",
+    )
     over_commit: float = Field(
         1.0,
         ge=1,

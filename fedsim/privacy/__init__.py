@@ -1,0 +1,1 @@
+"""Privacy: differential privacy mechanisms, their configuration and accounting."""
