@@ -38,6 +38,7 @@ TARGETS = {
     "dormant client <= 1 KB on driver": ("derived", "dormant_bytes_per_client", "<=", 1024.0),
     "tiny peak tree memory <= 1.6 GB": ("tiny-100of1k", "fedsim_peak_tree_mb", "<=", 1600.0),
     "central DP adds <= 5% to tiny": ("derived", "dp_over_tiny", "<=", 1.05),
+    "DP-SGD mlp round <= 2.5x mlp": ("derived", "dpsgd_over_mlp", "<=", 2.5),
 }
 
 
@@ -199,6 +200,9 @@ def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     d = rows.get("tiny-dp")
     if a and d and "fedsim_steady_s" in d:
         out["dp_over_tiny"] = d["fedsim_steady_s"] / a["fedsim_steady_s"]
+    mlp, dpsgd = rows.get("mlp"), rows.get("mlp-dpsgd")
+    if mlp and dpsgd and "fedsim_steady_s" in dpsgd and "fedsim_steady_s" in mlp:
+        out["dpsgd_over_mlp"] = dpsgd["fedsim_steady_s"] / mlp["fedsim_steady_s"]
     m = rows.get("tiny-100of1M")
     if a and m and "fedsim_steady_s" in m:
         out["population_1M_over_1k"] = m["fedsim_steady_s"] / a["fedsim_steady_s"]

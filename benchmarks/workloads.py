@@ -73,6 +73,20 @@ WORKLOADS: dict[str, Workload] = {
             "round); the same fixed-size cohorts, so its round time compares with tiny's",
         ),
         Workload(
+            "mlp-dpsgd",
+            (
+                "model.name=mlp",
+                "model.hidden=[128]",
+                "privacy.dp.mode=sample",
+                "privacy.dp.clip_norm=1.0",
+                "privacy.dp.noise_multiplier=1.0",
+                "privacy.delta=1e-5",
+            ),
+            contenders=("fedsim",),
+            note="as mlp with record-level DP-SGD (Opacus) in every client's training: "
+            "`dpsgd_over_mlp` is its round time over mlp's",
+        ),
+        Workload(
             "fixed",
             (
                 "strategy.clients_per_round=2",
@@ -91,4 +105,13 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 QUICK = ("tiny-100of1k", "tiny-1kof1k", "cnn", "tiny-100of1M", "fixed")
-FULL = ("tiny-100of1k", "tiny-1kof1k", "mlp", "cnn", "tiny-100of1M", "fixed", "tiny-dp")
+FULL = (
+    "tiny-100of1k",
+    "tiny-1kof1k",
+    "mlp",
+    "cnn",
+    "tiny-100of1M",
+    "fixed",
+    "tiny-dp",
+    "mlp-dpsgd",
+)

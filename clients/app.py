@@ -25,6 +25,8 @@ from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, instruction_config, round_of
 from fedsim.data import AnyFederation, load_federation
 from fedsim.models import build_model
+from fedsim.privacy.config import LocalDp, SampleDp
+from fedsim.privacy.mechanisms import CLIPPED, local_dp
 from fedsim.rng import np_rng, torch_generator
 from fedsim.scenario import Scenario, scenario_from_json
 
@@ -145,20 +147,33 @@ def build_client_app(spec_json: str) -> ClientApp:
             generator=torch_generator(seed, "batch", server_round, cid),
             state=context.state,
         )
+        dp = env.scenario.privacy.dp
+        if isinstance(dp, SampleDp):
+            task.dp = dp
+            task.noise_generator = torch_generator(seed, "dp-sgd-noise", server_round, cid)
         out = env.behaviour.train(task)
         if attack is not None and out.arrays is None:
             rng = np_rng(seed, "attack", server_round, cid)
             out.arrays = _crafted(attack, w_t, env.model.state_dict(), rng)
+        metrics = {"num-examples": out.num_examples, **out.metrics}
+        if isinstance(dp, LocalDp) and attack is None:  # (an attacker skips it)
+            w = out.arrays
+            if w is None:
+                w = {k: v.detach().cpu().numpy() for k, v in env.model.state_dict().items()}
+            w_t = {k: v.numpy() for k, v in env.last_state.items()}  # type: ignore[union-attr]
+            out.arrays, clipped = local_dp(
+                {k: np.asarray(v) for k, v in w.items()},
+                w_t,
+                clip_norm=dp.clip_norm,
+                noise_multiplier=dp.noise_multiplier,  # type: ignore[arg-type]
+                rng=np_rng(seed, "dp-local", server_round, cid),
+            )
+            metrics[CLIPPED] = float(clipped)
         if out.arrays is None:
             arrays = to_array_record(env.model.state_dict())
         else:
             arrays = ArrayRecord({k: to_array(np.asarray(v)) for k, v in out.arrays.items()})
-        content = RecordDict(
-            {
-                "arrays": arrays,
-                "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
-            }
-        )
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

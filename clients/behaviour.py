@@ -24,8 +24,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import Field
 
+from clients.dpsgd import train_dpsgd
 from clients.training import evaluate_model, train_local
 from fedsim.client_params import CLIENTS, MAX_STEPS_KEY, ClientParams
+from fedsim.privacy.config import DP_STEPS, SampleDp
 
 __all__ = ["Behaviour", "ClientTask", "Outcome", "SgdClient"]
 
@@ -44,6 +46,10 @@ class ClientTask:
     # Seeded for (run seed, round, client): batch order and any other draw (training only).
     generator: torch.Generator | None = None
     state: RecordDict = field(default_factory=RecordDict)  # persists across rounds
+    # Record-level DP-SGD (privacy.dp.mode = "sample"): the [privacy.dp] table, and the
+    # seeded generator of its noise; None without it.
+    dp: SampleDp | None = None
+    noise_generator: torch.Generator | None = None
 
 
 @dataclass
@@ -80,6 +86,7 @@ class SgdClient(Behaviour):
     """Honest local minibatch SGD (FedAvg's ClientUpdate; FedProx's with mu > 0)."""
 
     keeps_state: ClassVar[bool] = False
+    dp_sgd: ClassVar[bool] = True
 
     behaviour: Literal["sgd"] = Field(
         "sgd", description="Client behaviour: 'sgd' is honest local minibatch SGD."
@@ -88,18 +95,28 @@ class SgdClient(Behaviour):
     def train(self, task: ClientTask) -> Outcome:
         mu = float(task.config.get("proximal-mu", self.mu))
         max_steps = task.config.get(MAX_STEPS_KEY)  # a straggler's partial work
-        res = train_local(
+        common = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "generator": task.generator,
+            "device": task.device,
+            "max_steps": None if max_steps is None else int(max_steps),  # type: ignore[arg-type]
+        }
+        if task.dp is None:
+            res = train_local(task.model, task.x, task.y, mu=mu, **common)  # type: ignore[arg-type]
+            return Outcome(res.num_examples, {"train_loss": res.train_loss})
+        if mu > 0:  # (refused by the scenario's validation; never silently dropped)
+            raise ValueError("DP-SGD has no proximal term: FedProx's mu must be 0")
+        res = train_dpsgd(
             task.model,
             task.x,
             task.y,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            mu=mu,
-            generator=task.generator,
-            device=task.device,
-            max_steps=None if max_steps is None else int(max_steps),  # type: ignore[arg-type]
+            clip_norm=task.dp.clip_norm,
+            noise_multiplier=task.dp.noise_multiplier,  # type: ignore[arg-type]
+            noise_generator=task.noise_generator,  # type: ignore[arg-type]
+            **common,  # type: ignore[arg-type]
         )
-        return Outcome(res.num_examples, {"train_loss": res.train_loss})
+        return Outcome(res.num_examples, {"train_loss": res.train_loss, DP_STEPS: res.steps})

@@ -24,6 +24,9 @@ class ClientParams(Section):
     #: rounds. A checkpoint under Flower's runtime cannot save such states (the runtime
     #: keeps them), so it refuses such a behaviour; a plug-in that does not say may.
     keeps_state: ClassVar[bool] = True
+    #: Whether the behaviour trains with record-level DP-SGD when the scenario asks for
+    #: it (``privacy.dp.mode = "sample"``, handed over in ``ClientTask.dp``).
+    dp_sgd: ClassVar[bool] = False
 
     behaviour: str = Field(description="Registered client behaviour (what a client does).")
     epochs: int = Field(1, ge=1, description="Local epochs per round (E).")

@@ -35,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
 PARTICIPATION_FILE = "participation.csv"
+PRIVACY_CLIENTS_FILE = "privacy_clients.csv"  # per-client epsilon (local and sample DP)
 TIMING_FIELDS = ("round_wall_s",)
 SCENARIO_FILE = "scenario.toml"
 MARKER_FILE = ".fedsim-run"  # says "a fedsim run folder"; locked while a run works in it

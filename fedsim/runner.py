@@ -22,11 +22,13 @@ from fedsim.plots import (
     plot_privacy,
 )
 from fedsim.plugins import is_file
+from fedsim.privacy.config import SampleDp
 from fedsim.privacy.ledger import Ledger, calibrated
 from fedsim.progress import Progress
 from fedsim.results import (
     MODEL_FILE,
     PARTICIPATION_FILE,
+    PRIVACY_CLIENTS_FILE,
     SCENARIO_FILE,
     SUMMARY_FILE,
     RunDir,
@@ -134,7 +136,35 @@ def prepare(scn: Scenario) -> Prepared:
         raise ScenarioError(
             [("data.partition", f"{empty.size} client(s) get no training data (e.g. {empty[0]})")]
         )
+    if isinstance(scn.privacy.dp, SampleDp):
+        _check_dp_sgd(scn, model, sizes)
     return Prepared(fed, world, count_parameters(model))
+
+
+def _check_dp_sgd(scn: Scenario, model: Any, sizes: np.ndarray) -> None:
+    """What record-level DP needs of the data and the model (both known only now)."""
+    from clients.dpsgd import dp_problems  # imports Opacus: only for DP-SGD
+
+    problems: list[tuple[str, str]] = []
+    delta, largest = scn.privacy.delta, int(sizes.max())
+    if delta is not None and delta >= 1 / largest:
+        problems.append(
+            (
+                "privacy.delta",
+                f"{delta:g} is not below 1/(largest shard) = 1/{largest}: a mechanism that "
+                "reveals one example outright would satisfy it",
+            )
+        )
+    layers = dp_problems(model)
+    if layers:
+        problems.append(
+            (
+                "model.name",
+                f"'{scn.model.name}' cannot be trained with DP-SGD: " + "; ".join(layers),
+            )
+        )
+    if problems:
+        raise ScenarioError(problems)
 
 
 def _final(records: list[dict[str, Any]], key: str) -> float | None:
@@ -181,7 +211,7 @@ def execute(
     check_out_dir(out)
     prep = prepare(scn)
     text = scn.to_toml()  # what the user asked for (a calibrated z is derived from it)
-    scn = _calibrate(scn, progress)
+    scn = _calibrate(scn, prep, progress)
     with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
         run_dir = RunDir(out)
         try:
@@ -191,9 +221,9 @@ def execute(
         return _execute(scn, text, prep, engine, run_dir, progress, t_start, None)
 
 
-def _calibrate(scn: Scenario, progress: Progress | None) -> Scenario:
+def _calibrate(scn: Scenario, prep: Prepared, progress: Progress | None) -> Scenario:
     """The scenario with privacy.target_epsilon turned into a noise multiplier."""
-    scn, z = calibrated(scn)
+    scn, z = calibrated(scn, prep.federation.train_sizes())
     if z is not None and progress is not None:
         p = scn.privacy
         progress.message(
@@ -223,7 +253,7 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
             raise ScenarioError([("--resume", f"{path}: {line}") for line in exc.lines()]) from None
         snap = read_checkpoint(run_dir.tmp, hashlib.sha256(text.encode()).hexdigest())
         prep = prepare(scn)
-        scn = _calibrate(scn, progress)
+        scn = _calibrate(scn, prep, progress)
         # What stopped the run is history once it continues.
         run_dir.path("error.txt").unlink(missing_ok=True)
         if progress is not None:
@@ -243,9 +273,17 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
         engine.__exit__(None, None, None)
 
 
-def _privacy(scn: Scenario, records: list[dict[str, Any]]) -> dict[str, Any]:
-    ledger = Ledger.of(scn)
-    return {"dp_mode": "none"} if ledger is None else ledger.summary(records, scn.run.rounds)
+def _privacy(
+    scn: Scenario, records: list[dict[str, Any]], ledger: Ledger | None, run_dir: RunDir
+) -> dict[str, Any]:
+    """The summary's privacy keys; per-client accounting also writes
+    privacy_clients.csv (client_id, releases, epsilon of every client that took part)."""
+    if ledger is None:
+        return {"dp_mode": "none"}
+    if ledger.counts is not None:
+        rows = "".join(f"{c},{n},{e!r}\n" for c, n, e in ledger.client_epsilons())
+        run_dir.write_text(PRIVACY_CLIENTS_FILE, "client_id,releases,epsilon\n" + rows)
+    return ledger.summary(records, scn.run.rounds)
 
 
 def _abandon(run_dir: RunDir, exc: BaseException) -> NoReturn:
@@ -326,7 +364,7 @@ def _execute(
             "model_sha256": hashlib.sha256(run_dir.path(MODEL_FILE).read_bytes()).hexdigest(),
             "scenario_sha256": scenario_sha256,
             "resumed_after_round": None if snap is None else snap.round,
-            **_privacy(scn, records),
+            **_privacy(scn, records, result.coordinator.ledger, run_dir),
             "wall_s": time.perf_counter() - t_start,
             **result.timings,
             "versions": versions(),

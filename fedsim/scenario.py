@@ -147,6 +147,12 @@ class Scenario(Section):
         return Chains.of([*self.transforms, *extra], seed=self.run.seed, equal_weights=bool(extra))
 
     @property
+    def expected_cohort(self) -> int:
+        """The clients a training round expects (DP's fixed denominator m): K, also
+        under Poisson sampling, where it is q N."""
+        return min(self.train_cohort, self.num_clients)
+
+    @property
     def train_cohort(self) -> int:
         k = self.strategy.clients_per_round
         return self.num_clients if k is None else k
@@ -341,6 +347,22 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                     f"'{t.kind}' is neither an UpdateTransform nor an AggregateTransform",
                 )
             )
+    if scn.privacy.dp.mode == "sample" and (s.name == "fedprox" or scn.client.mu > 0):
+        problems.append(
+            (
+                "strategy.name" if s.name == "fedprox" else "client.mu",
+                "fedsim's DP-SGD (privacy.dp.mode = 'sample') has no proximal term yet: "
+                "FedProx's mu would be ignored",
+            )
+        )
+    if scn.privacy.dp.mode == "sample" and not type(scn.client).dp_sgd:
+        problems.append(
+            (
+                "client.behaviour",
+                f"'{scn.client.behaviour}' does not train with DP-SGD, which "
+                "privacy.dp.mode = 'sample' needs (use 'sgd')",
+            )
+        )
     if (
         scn.run.checkpoint_every is not None
         and scn.simulation.engine == "flower"
@@ -360,6 +382,7 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
         weighted_mean=type(s).weighted_mean,
         strategy=s.name,
         mean_strategies=[x for x in STRATEGIES.names() if STRATEGIES.params(x).weighted_mean],
+        expected_cohort=scn.expected_cohort,
     )
     problems += _check_sampling(scn)
     if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
@@ -375,7 +398,7 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
 def _check_sampling(scn: Scenario) -> list[tuple[str, str]]:
     """What the accountant can account for the sampling the coordinator does."""
     p, co = scn.privacy, scn.coordinator
-    if not p.active:
+    if not p.active or p.dp.per_client:  # (per-client accounting uses no sampling event)
         return []
     problems: list[tuple[str, str]] = []
     if p.assume_sampling is not None and p.assume_sampling != co.sampling:

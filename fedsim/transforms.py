@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -48,6 +49,8 @@ class UpdateContext:
     position: int = 0  # the transform's position in the chain
     # What transforms report about this update (e.g. dp_clipped), added to its metrics.
     notes: dict[str, float] = field(default_factory=dict)
+    # The round's config as the coordinator sent it (e.g. an adaptive clip norm).
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
     def rng(self) -> np.random.Generator:
@@ -147,17 +150,26 @@ class Chains:
         cid: int,
         weight: float,
         notes: dict[str, float] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> Update:
         """Run the per-update chain (raises Rejected); what the transforms report about
-        the update goes into ``notes``."""
+        the update goes into ``notes``; ``config``: the round's config as sent."""
         notes = {} if notes is None else notes
         for i, t in enumerate(self.update):
-            ctx = UpdateContext(self.seed, server_round, cid, weight, i, notes)
+            ctx = UpdateContext(self.seed, server_round, cid, weight, i, notes, config or {})
             update = t.apply(update, ctx)
         return update
 
-    def finish(self, mean: Update, *, server_round: int, weight: float) -> Update:
-        """Run the aggregate chain on the mean update."""
+    def finish(
+        self,
+        mean: Update,
+        *,
+        server_round: int,
+        weight: float,
+        config: Mapping[str, Any] | None = None,
+    ) -> Update:
+        """Run the aggregate chain on the mean update (``config``: the round's, as sent)."""
         for i, t in enumerate(self.aggregate):
-            mean = t.apply(mean, UpdateContext(self.seed, server_round, -1, weight, i))
+            ctx = UpdateContext(self.seed, server_round, -1, weight, i, config=config or {})
+            mean = t.apply(mean, ctx)
         return mean

@@ -2,9 +2,9 @@
 
 The coordinator takes a :class:`Snapshot` once round r's model is final and before round
 r + 1 begins: the global model, the strategy's state (server momentum, FedAdam/Yogi
-moments, an adaptive clip norm: whatever the strategy object changed as it ran), the
-virtual clock, the world's state (availability draws), the clients' persistent states
-(fedsim's engine) and how many rounds are done; ``fedsim.results`` writes it once round
+moments: whatever the strategy object changed as it ran), the DP mechanism's state
+(adaptive clipping's C_t), the virtual clock, the world's state (availability draws),
+the clients' persistent states (fedsim's engine) and how many rounds are done; ``fedsim.results`` writes it once round
 r's record is written too, in JSON and safetensors (``fedsim.state``). Everything else a
 round draws comes from the run seed keyed by round and client, so nothing else is needed.
 """
@@ -46,6 +46,7 @@ def take(
     world: Any | None,
     client_states: dict[int, RecordDict] | None,
     initial_eval: dict[str, float] | None,
+    privacy: dict[str, Any] | None = None,
 ) -> Snapshot:
     """Encode the run's state now (raises StateError naming what cannot be saved)."""
     enc = Encoder()
@@ -55,6 +56,7 @@ def take(
         "clients": None
         if client_states is None
         else {str(c): enc.encode(s, f"client {c}") for c, s in sorted(client_states.items())},
+        "privacy": None if privacy is None else enc.encode(privacy, "privacy"),
     }
     weights = {k: np.array(array_view(a)) for k, a in model.items()}
     return Snapshot(server_round, clock, tree, enc.arrays, weights, initial_eval=initial_eval)
@@ -101,4 +103,7 @@ def decode_tree(snap: Snapshot) -> dict[str, Any]:
         "clients": None
         if snap.tree.get("clients") is None
         else {int(c): decode(s, snap.arrays) for c, s in snap.tree["clients"].items()},
+        "privacy": None
+        if snap.tree.get("privacy") is None
+        else decode(snap.tree["privacy"], snap.arrays),
     }

@@ -77,6 +77,7 @@ class CoordinatorResult:
     arrays: ArrayRecord
     rounds: list[dict[str, Any]] = field(default_factory=list)
     initial_eval: dict[str, float] | None = None
+    ledger: Any = None  # the privacy ledger as the run left it (per-client counts)
 
 
 class Coordinator:
@@ -383,7 +384,7 @@ class Coordinator:
         self._model_bytes: int | None = None
         self.arrays = self.initial_arrays
         self._t_update = time.perf_counter()  # when the model last changed
-        result = CoordinatorResult(arrays=self.arrays)
+        result = CoordinatorResult(arrays=self.arrays, ledger=self.ledger)
         if self.resume is not None:
             self._restore(self.resume, result)
         elif self.evaluate_fn is not None:
@@ -450,6 +451,7 @@ class Coordinator:
             world=self.world,
             client_states=grid.client_states() if isinstance(grid, PhasedGrid) else None,
             initial_eval=result.initial_eval,
+            privacy=None if self.ledger is None else self.ledger.state(),
         )
 
     def _restore(self, snap: Snapshot, result: CoordinatorResult) -> None:
@@ -463,6 +465,8 @@ class Coordinator:
             if not isinstance(self._grid, PhasedGrid):
                 raise RuntimeError("this engine cannot restore the clients' states")
             self._grid.restore_client_states(state["clients"])
+        if self.ledger is not None:
+            self.ledger.restore(state["privacy"] or {})
         self.clock = snap.clock
         result.rounds = list(snap.records)
         result.initial_eval = snap.initial_eval

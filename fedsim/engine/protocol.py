@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedsim.arrays import conform
 from fedsim.engine.attacks import craft_replies
-from fedsim.engine.fold import fold_weighted_mean, num_examples
+from fedsim.engine.fold import fold_weighted_mean, num_examples, records
 from fedsim.engine.policy import (
     AGGREGATED,
     DROPPED,
@@ -42,7 +42,8 @@ from fedsim.engine.screening import (
     rejection,
     screen_replies,
 )
-from fedsim.privacy.mechanisms import CLIPPED
+from fedsim.privacy.config import DP_STEPS
+from fedsim.privacy.mechanisms import CLIP_KEY, CLIPPED
 from fedsim.world.participation import REJECTED
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Round:
     t_from: float = 0.0  # perf_counter of the model update before this round
     t_update: float = 0.0  # and of this round's
     snapshot: Any = None  # the run's state after this round, when a checkpoint is due
+    config: dict[str, Any] = field(default_factory=dict)  # what every training config adds
 
 
 class Stage(ABC):
@@ -138,6 +140,34 @@ def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     return float(metrics[key])  # type: ignore[arg-type]
 
 
+def _clipped(replies: Replies | None) -> tuple[int | None, int]:
+    """(how many of the round's accepted updates were clipped, how many there were);
+    None when no reply says (a mechanism without clipping)."""
+    if replies is None:
+        return None, 0
+    notes = [
+        records(r.content)[1].get(CLIPPED)
+        for r in replies.ordered
+        if r is not None and not r.has_error()
+    ]
+    if not notes or any(v is None for v in notes):
+        return None, len(notes)
+    return sum(round(float(v)) for v in notes), len(notes)  # type: ignore[arg-type]
+
+
+def _steps(replies: Replies | None) -> dict[int, int]:
+    """The DP-SGD steps each client's reply says it ran (record-level DP)."""
+    out: dict[int, int] = {}
+    if replies is None:
+        return out
+    for c, r in zip(replies.cids, replies.ordered, strict=True):
+        if r is not None and not r.has_error():
+            v = records(r.content)[1].get(DP_STEPS)
+            if v is not None:
+                out[c] = int(v)  # type: ignore[arg-type]
+    return out
+
+
 class TrainStage(Stage):
     """Sample (among the online clients), plan on the virtual clock, send the global
     model, and hand the strategy the replies (folded to one weighted mean when it only
@@ -157,13 +187,18 @@ class TrainStage(Stage):
         if not run:
             return None
         dropouts = 0 if plan is None else sum(plan.status[c] == DROPPED for c in run)
+        # The DP mechanism's round settings (adaptive clipping's C_t) go to everyone.
+        rnd.config = {} if co.ledger is None else co.ledger.round_config()
+        extra = {} if plan is None else co.plan_config(plan, run)
+        if rnd.config:
+            extra = {c: {**rnd.config, **extra.get(c, {})} for c in run}
         return co.send(
             rnd.number,
             "train",
             run,
             rnd.arrays,
             fold=co.fold_train and not co.crafts,
-            extra_config=None if plan is None else co.plan_config(plan, run),
+            extra_config=extra or None,
             expected_failures=dropouts,
         )
 
@@ -187,7 +222,7 @@ class TrainStage(Stage):
                     reply_to=replies.msgs[0],
                     blocks=replies.blocks,
                     updates=updates,
-                    finish=finish_mean(co.chains, rnd.number),
+                    finish=finish_mean(co.chains, rnd.number, rnd.config),
                     weight_of=co.chains.weight,
                 )
                 to_strategy = [folded] if folded is not None else []
@@ -217,8 +252,12 @@ class TrainStage(Stage):
         else:
             new_arrays, metrics = co.strategy.aggregate_train(rnd.number, to_strategy)
             if new_arrays is not None and not co.fold_train:  # (a folded mean: done)
-                weight = sum(num_examples(r) for r in to_strategy if not r.has_error())
-                new_arrays = finish_model(co.chains, rnd.number, rnd.arrays, new_arrays, weight)
+                weight = sum(
+                    co.chains.weight(num_examples(r)) for r in to_strategy if not r.has_error()
+                )
+                new_arrays = finish_model(
+                    co.chains, rnd.number, rnd.arrays, new_arrays, weight, rnd.config
+                )
             if new_arrays is not None:
                 rnd.arrays = conform(new_arrays, rnd.arrays)  # the model keeps its dtypes
         if rnd.plan is not None:
@@ -236,9 +275,22 @@ class TrainStage(Stage):
         rec.clients_rejected = rejected
         rec.clients_aggregated = 0 if rec.round_skipped else n_agg
         if co.ledger is not None:
-            rec.extra["dp_epsilon"] = co.ledger.epsilon(rnd.number)
-            clipped = _metric(metrics, CLIPPED)  # a mean of 0/1 notes: round off its ulps
-            rec.extra["dp_clipped_fraction"] = None if clipped is None else round(clipped, 9)
+            clipped, n_ok = _clipped(replies)
+            co.ledger.observe(
+                rnd.number,
+                # every client that ran and did not vanish sent its update
+                released=[c for c in ran if status[c] != DROPPED],
+                clipped=clipped,
+                aggregated=n_ok,
+                skipped=rec.round_skipped,
+                steps=_steps(replies),
+            )
+            rec.extra["dp_epsilon"] = co.ledger.round_epsilon(rnd.number)
+            rec.extra["dp_clipped_fraction"] = (
+                None if clipped is None or not n_ok else round(clipped / n_ok, 9)
+            )
+            if CLIP_KEY in rnd.config:
+                rec.extra["dp_clip_norm"] = rnd.config[CLIP_KEY]
         if co.attack is not None:
             attackers = [c for c in rnd.selected if c in co.attackers]
             rec.extra["attackers_selected"] = len(attackers)

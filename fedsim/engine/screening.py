@@ -10,8 +10,8 @@ so both give the same model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message
@@ -71,13 +71,15 @@ def screen(
     # is no part of an update's norm.
     floats = {k: d for k, d in update.items() if _floating(base[k])}
     notes: dict[str, float] = {}
+    config = instruction_config(msg)
     try:
         floats = chains.screen(
             floats,
-            server_round=round_of(instruction_config(msg)),
+            server_round=round_of(config),
             cid=cid,
             weight=weight,
             notes=notes,
+            config=config,
         )
     except Rejected as exc:
         return rejected(msg, str(exc)), None
@@ -160,20 +162,32 @@ def check_replies(replies: Replies, limits: ReplyLimits) -> None:
             replies.ordered[i] = checked(r, msg, cid, limits)
 
 
-def finish_mean(chains: Chains, server_round: int) -> Callable[[Sums, float], Sums] | None:
-    """The aggregate transforms, for the fold to apply to the mean update."""
+def finish_mean(
+    chains: Chains, server_round: int, config: Mapping[str, Any] | None = None
+) -> Callable[[Sums, float], Sums] | None:
+    """The aggregate transforms, for the fold to apply to the mean update (``config``:
+    what the round's instructions carried for them, e.g. an adaptive clip norm)."""
     if not chains.aggregate:
         return None
-    return lambda mean, weight: chains.finish(mean, server_round=server_round, weight=weight)
+    return lambda mean, weight: chains.finish(
+        mean, server_round=server_round, weight=weight, config=config
+    )
 
 
 def finish_model(
-    chains: Chains, server_round: int, before: ArrayRecord, after: ArrayRecord, weight: float
+    chains: Chains,
+    server_round: int,
+    before: ArrayRecord,
+    after: ArrayRecord,
+    weight: float,
+    config: Mapping[str, Any] | None = None,
 ) -> ArrayRecord:
     """A strategy's new model through the aggregate transforms (for strategies shown
     every reply; a folded mean went through them in the fold). ``weight``: the total
-    examples of the replies it aggregated, as the fold passes."""
+    weight of the replies it aggregated, as the fold passes."""
     if not chains.aggregate:
         return after
-    update = chains.finish(update_of(after, before), server_round=server_round, weight=weight)
+    update = chains.finish(
+        update_of(after, before), server_round=server_round, weight=weight, config=config
+    )
     return ArrayRecord({k: to_array(apply_update(before[k], d)) for k, d in update.items()})

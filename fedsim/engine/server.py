@@ -96,7 +96,7 @@ def build_coordinator(
         checkpoint_every=scn.run.checkpoint_every,
         on_checkpoint=on_checkpoint,
         resume=resume,
-        ledger=Ledger.of(scn),
+        ledger=Ledger.of(scn, shard_sizes=fed.train_sizes()),
     )
 
 

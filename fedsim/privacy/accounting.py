@@ -182,6 +182,13 @@ def adaptive_noise(z: float, sigma_b: float) -> float:
     return rest**-0.5
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """DP-SGD steps in one epoch over n examples with Poisson batches of expected size
+    B: ceil(n / B), each example in a step with probability 1 / ceil(n / B) (Opacus's
+    ``DPDataLoader``); 0 without examples."""
+    return math.ceil(n / batch_size) if n > 0 else 0
+
+
 def epsilons(kind: Accountant, mech: Mechanism, counts: Sequence[int], delta: float) -> list[float]:
     """Epsilon for each count (per-client accounting: a client's own number of
     compositions), computed once per distinct count."""

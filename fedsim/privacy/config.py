@@ -14,13 +14,21 @@ from fedsim.privacy.accounting import Accountant
 from fedsim.registry import Registry, Variants
 from fedsim.sections import Section
 
+DP_STEPS = "dp_steps"  # a DP-SGD client's reply metric: the noised steps it ran
+
 
 class DpParams(Section):
     """Base of the DP modes."""
 
-    # Whether the mechanism protects a client's whole contribution (user level, one
-    # accounting for the run) rather than its examples or per client.
-    user_level: ClassVar[bool] = True
+    # What one neighbouring change is: a client's whole data ('client') or one example
+    # ('example'); delta must be below 1 over the count of such units.
+    unit: ClassVar[Literal["client", "example"]] = "client"
+    # Whether the coordinator adds the noise to an aggregate (its sensitivity bound then
+    # needs a mean), rather than each client to what it sends.
+    central: ClassVar[bool] = True
+    # Whether epsilon is accounted per client (from each client's participation) rather
+    # than once for the population.
+    per_client: ClassVar[bool] = False
 
     mode: str = Field(description="DP mechanism ('none': no differential privacy).")
 
@@ -56,7 +64,99 @@ class CentralDp(DpParams):
         None,
         ge=0,
         description="Noise std over the clipped sum's sensitivity (z); 0: clipping only, "
-        "no privacy. Omit with privacy.target_epsilon to calibrate it.",
+        "no privacy. Omit with privacy.target_epsilon to calibrate it. With adaptive "
+        "clipping, the privacy cost of the update noise and the count noise together.",
+    )
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="'fixed': clip_norm every round; 'adaptive': clip_norm is the initial "
+        "C_0, then C follows the target_quantile of the update norms (Andrew et al. 2021, "
+        "arXiv:1905.03871).",
+    )
+    target_quantile: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Adaptive clipping: the fraction of updates left unclipped that C "
+        "aims at (gamma; default 0.5, the median norm).",
+    )
+    clip_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive clipping: the geometric step of C per round, "
+        "C <- C exp(-eta (unclipped fraction - gamma)) (eta_C; default 0.2).",
+    )
+    clipped_count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive clipping: std of the Gaussian noise on the count of unclipped "
+        "updates (sigma_b; default expected cohort / 20, as in the paper); must exceed "
+        "noise_multiplier / 2.",
+    )
+
+    ADAPTIVE_KEYS: ClassVar[tuple[str, ...]] = (
+        "target_quantile",
+        "clip_learning_rate",
+        "clipped_count_stddev",
+    )
+
+    @property
+    def adaptive(self) -> bool:
+        return self.clipping == "adaptive"
+
+    def count_stddev(self, expected_cohort: float) -> float:
+        """sigma_b: the given one, or the paper's default m / 20."""
+        if self.clipped_count_stddev is not None:
+            return self.clipped_count_stddev
+        return expected_cohort / 20
+
+
+@DP_MODES.register("local")
+class LocalDp(DpParams):
+    """Local DP: each client clips its update to clip_norm and adds N(0, (z C)^2) before sending; per-client epsilon.
+
+    The server sees only noised updates, so any aggregation is post-processing (every
+    strategy may be used). Any two datasets of a client give clipped updates up to 2C
+    apart: each release is accounted as a Gaussian mechanism with sensitivity 2C, once
+    per round the client takes part, without amplification by sampling."""
+
+    central: ClassVar[bool] = False
+    per_client: ClassVar[bool] = True
+
+    mode: Literal["local"] = "local"
+    clip_norm: float = Field(
+        gt=0, description="L2 norm each client clips its update w - w_t to (C)."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Each client's noise std over C (z); 0: clipping only, no privacy. "
+        "Omit with privacy.target_epsilon to calibrate it for a client that takes part "
+        "in every round.",
+    )
+
+
+@DP_MODES.register("sample")
+class SampleDp(DpParams):
+    """Record-level DP-SGD in local training (Abadi et al. 2016, arXiv:1607.00133) with Opacus; per-client epsilon.
+
+    Poisson batches, each example's gradient clipped to ``clip_norm``, Gaussian noise of
+    std ``noise_multiplier * clip_norm`` on their sum. Protects each example of a client's shard; accounted per client as the
+    Poisson-subsampled Gaussian (q = 1 / ceil(n_i / B)) composed once per step that
+    client ran, over every round it took part in."""
+
+    unit: ClassVar[Literal["client", "example"]] = "example"
+    central: ClassVar[bool] = False
+    per_client: ClassVar[bool] = True
+
+    mode: Literal["sample"] = "sample"
+    clip_norm: float = Field(gt=0, description="L2 norm each example's gradient is clipped to (C).")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Noise std over C on each step's summed gradients (z); 0: clipping "
+        "only, no privacy. Omit with privacy.target_epsilon to calibrate it for the client "
+        "with the smallest shard taking part in every round.",
     )
 
 
@@ -110,6 +210,7 @@ def check_privacy(
     weighted_mean: bool,
     strategy: str,
     mean_strategies: list[str],
+    expected_cohort: float,
 ) -> list[tuple[str, str]]:
     """The privacy settings' own consistency and what they need of the rest of the
     scenario, as (key path, message) problems."""
@@ -125,7 +226,7 @@ def check_privacy(
     z = getattr(dp, "noise_multiplier", None)
     if p.delta is None:
         problems.append(("privacy.delta", "required with privacy.dp"))
-    elif dp.user_level and p.delta >= 1 / num_clients:
+    elif dp.unit == "client" and p.delta >= 1 / num_clients:
         problems.append(
             (
                 "privacy.delta",
@@ -137,7 +238,15 @@ def check_privacy(
         problems.append(
             ("privacy.dp.noise_multiplier", "required (or give privacy.target_epsilon)")
         )
-    if p.stop_at_budget and (p.target_epsilon is None or z is None):
+    if dp.per_client and p.stop_at_budget:
+        problems.append(
+            (
+                "privacy.stop_at_budget",
+                f"mode '{dp.mode}' accounts each client on its own: there is no run-wide "
+                "budget to stop at (calibrate the noise to privacy.target_epsilon instead)",
+            )
+        )
+    elif p.stop_at_budget and (p.target_epsilon is None or z is None):
         problems.append(
             (
                 "privacy.stop_at_budget",
@@ -154,7 +263,16 @@ def check_privacy(
         )
     if p.target_epsilon is not None and z == 0:
         problems.append(("privacy.target_epsilon", "no epsilon is reached without noise"))
-    if dp.user_level and not weighted_mean:
+    if isinstance(dp, CentralDp):
+        problems += adaptive_problems(dp, z, expected_cohort)
+    if isinstance(dp, (LocalDp, SampleDp)) and p.assume_sampling is not None:
+        problems.append(
+            (
+                "privacy.assume_sampling",
+                f"mode '{dp.mode}' takes no amplification from the coordinator's sampling",
+            )
+        )
+    if dp.central and not weighted_mean:
         problems.append(
             (
                 "strategy.name",
@@ -165,3 +283,22 @@ def check_privacy(
             )
         )
     return problems
+
+
+def adaptive_problems(dp: CentralDp, z: float | None, m: float) -> list[tuple[str, str]]:
+    if not dp.adaptive:
+        return [
+            (f"privacy.dp.{k}", "only with privacy.dp.clipping = 'adaptive'")
+            for k in dp.ADAPTIVE_KEYS
+            if getattr(dp, k) is not None
+        ]
+    sigma_b = dp.count_stddev(m)
+    if z is not None and z > 0 and sigma_b <= z / 2:
+        return [
+            (
+                "privacy.dp.clipped_count_stddev",
+                f"{sigma_b:g} is not above noise_multiplier / 2 = {z / 2:g}: the count "
+                "noise alone would cost more privacy than the whole budget allows",
+            )
+        ]
+    return []

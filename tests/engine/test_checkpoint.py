@@ -81,6 +81,20 @@ def _crash_in_round(monkeypatch, n: int) -> None:
     monkeypatch.setattr(Coordinator, "_begin", begin)
 
 
+def _crash_resume_same(tmp_path, monkeypatch, over, *, crash: int, checkpoint: int) -> Path:
+    """Run ``over`` in full; run it again stopped as round ``crash`` begins (its last
+    checkpoint after round ``checkpoint``), resume it, and check both runs are the
+    same. Returns the full run's folder."""
+    full = execute(load_scenario(None, over), out=tmp_path / "full").out_dir
+    _crash_in_round(monkeypatch, crash)
+    with pytest.raises(RuntimeError):
+        execute(load_scenario(None, over), out=tmp_path / "run")
+    assert _checkpoint_round(tmp_path / "run.incomplete") == checkpoint
+    monkeypatch.undo()
+    _same_run(resume(tmp_path / "run").out_dir, full)
+    return full
+
+
 def test_a_run_that_failed_resumes_to_the_same_result(
     tmp_path, monkeypatch, ray_cluster, uninterrupted
 ):
@@ -151,15 +165,9 @@ def test_client_states_survive_a_resume(tmp_path, monkeypatch, ray_cluster, coun
         "client.behaviour=ckpt_counter",
         "strategy.clients_per_round=3",
     ]
-    full = execute(load_scenario(None, over), out=tmp_path / "full").out_dir
+    full = _crash_resume_same(tmp_path, monkeypatch, over, crash=4, checkpoint=2)
     counts = [r["train_loss"] for r in read_metrics(full)]
     assert max(counts) > 1.5  # clients came back with their counts
-    _crash_in_round(monkeypatch, 4)
-    with pytest.raises(RuntimeError):
-        execute(load_scenario(None, over), out=tmp_path / "run")
-    assert _checkpoint_round(tmp_path / "run.incomplete") == 2
-    monkeypatch.undo()
-    _same_run(resume(tmp_path / "run").out_dir, full)
 
 
 def test_flower_engine_resumes_too(tmp_path, monkeypatch, ray_cluster):
@@ -172,13 +180,45 @@ def test_flower_engine_resumes_too(tmp_path, monkeypatch, ray_cluster):
         "strategy.server_momentum=0.9",
         "simulation.engine=flower",
     ]
-    full = execute(load_scenario(None, over), out=tmp_path / "full").out_dir
-    _crash_in_round(monkeypatch, 3)
-    with pytest.raises(RuntimeError):
-        execute(load_scenario(None, over), out=tmp_path / "run")
-    assert _checkpoint_round(tmp_path / "run.incomplete") == 2
-    monkeypatch.undo()
-    _same_run(resume(tmp_path / "run").out_dir, full)
+    _crash_resume_same(tmp_path, monkeypatch, over, crash=3, checkpoint=2)
+
+
+ADAPTIVE = [
+    "privacy.dp.mode=central",
+    "privacy.dp.clipping=adaptive",
+    "privacy.dp.clip_norm=0.05",
+    "privacy.dp.clipped_count_stddev=1",
+]
+LOCAL = ["privacy.dp.mode=local", "privacy.dp.clip_norm=0.5"]
+
+
+@pytest.mark.parametrize(
+    ("engine", "dp"),
+    [("fedsim", ADAPTIVE), ("flower", ADAPTIVE), ("fedsim", LOCAL)],
+    ids=["adaptive-fedsim", "adaptive-flower", "local-fedsim"],
+)
+def test_the_privacy_state_survives_a_resume(tmp_path, monkeypatch, ray_cluster, engine, dp):
+    """Adaptive clipping's C_t and local DP's per-client counts."""
+    over = [
+        "run.rounds=4",
+        "run.checkpoint_every=1",
+        "data.num_clients=6",
+        "model.hidden=[8]",
+        "strategy.clients_per_round=4",
+        *dp,
+        "privacy.dp.noise_multiplier=0.8",
+        "privacy.delta=1e-3",
+        f"simulation.engine={engine}",
+    ]
+    full = _crash_resume_same(tmp_path, monkeypatch, over, crash=3, checkpoint=2)
+    recs = read_metrics(full)
+    if dp is ADAPTIVE:
+        assert len({r["dp_clip_norm"] for r in recs}) == 4  # C moved every round
+    else:
+        eps = [r["dp_epsilon"] for r in recs]
+        assert eps == sorted(eps) and eps[-1] > eps[0]
+        resumed = (tmp_path / "run" / "privacy_clients.csv").read_text()
+        assert resumed == (full / "privacy_clients.csv").read_text()
 
 
 def test_flower_engine_refuses_checkpoints_of_stateful_clients(counter_plugin):

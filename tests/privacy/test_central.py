@@ -231,6 +231,53 @@ BAD = [
     ([*OK, "privacy.dp.sigma=1"], "privacy.dp.sigma"),  # unknown key
     ([*OK, "privacy.dp.noise_multiplier=inf"], "privacy.dp.noise_multiplier"),
     (["privacy.delta=1e-5"], "privacy.delta"),  # without a mechanism
+    ([*OK, "privacy.dp.target_quantile=0.3"], "privacy.dp.target_quantile"),  # fixed clip
+    ([*OK, "privacy.dp.clipping=sometimes"], "privacy.dp.clipping"),
+    (
+        [*OK, "privacy.dp.clipping=adaptive", "privacy.dp.clipped_count_stddev=0.4"],
+        "privacy.dp.clipped_count_stddev",  # not above z / 2
+    ),
+    (  # the same, found only once z is calibrated (z > 0.6 here)
+        [
+            *C,
+            "privacy.delta=1e-3",
+            "privacy.target_epsilon=1",
+            "privacy.dp.clipping=adaptive",
+            "privacy.dp.clipped_count_stddev=0.3",
+        ],
+        "privacy.dp.clipped_count_stddev",
+    ),
+    # record-level DP: delta below 1/(largest shard), known once the data is split
+    (
+        [
+            "privacy.dp.mode=sample",
+            "privacy.dp.clip_norm=1",
+            "privacy.dp.noise_multiplier=1",
+            "privacy.delta=0.04",
+        ],
+        "privacy.delta",
+    ),
+    (
+        [
+            "privacy.dp.mode=sample",
+            "privacy.dp.clip_norm=1",
+            "privacy.dp.noise_multiplier=1",
+            "privacy.delta=1e-3",
+            "client.mu=0.1",
+        ],
+        "client.mu",
+    ),
+    (
+        [
+            "privacy.dp.mode=local",
+            "privacy.dp.clip_norm=1",
+            "privacy.dp.noise_multiplier=1",
+            "privacy.delta=1e-3",
+            "privacy.target_epsilon=2",
+            "privacy.stop_at_budget=true",
+        ],
+        "privacy.stop_at_budget",
+    ),
 ]
 
 

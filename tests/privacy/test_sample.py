@@ -1,0 +1,140 @@
+"""Record-level DP-SGD (Opacus) in the clients' local training: each example's gradient
+is clipped before the noise; each client's epsilon counts the steps it ran."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clients.dpsgd import dp_problems, train_dpsgd
+from fedsim.privacy.accounting import Mechanism, epsilon, steps_per_epoch
+from fedsim.results import read_metrics
+from fedsim.runner import execute
+from fedsim.scenario import load_scenario
+
+
+def _linear() -> nn.Module:
+    m = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        m.weight.zero_()
+    return m
+
+
+def test_each_examples_gradient_is_clipped_before_the_noise():
+    # Two examples in one full batch (B = n: q = 1), one with a huge gradient: with
+    # clipping per example its pull is C, not a million times the other's.
+    x = np.array([[1e6, 0.0], [0.0, 1.0]], np.float32)
+    y = np.array([1, 1])
+    g = torch.Generator().manual_seed(0)
+    model = _linear()
+    res = train_dpsgd(
+        model,
+        x,
+        y,
+        epochs=1,
+        batch_size=2,
+        lr=1.0,
+        clip_norm=0.1,
+        noise_multiplier=0.0,
+        generator=g,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+    assert res.steps == 1
+    w = model.weight.detach().numpy()
+    # Each example's gradient of the cross-entropy at w = 0 is (p - onehot) x^T with
+    # p = (1/2, 1/2): norm |x| / sqrt(2); clipped to C = 0.1, summed, divided by the
+    # expected batch size 2, and stepped with lr 1.
+    g1 = np.outer([0.5, -0.5], x[0]) * min(1.0, 0.1 / (1e6 / np.sqrt(2)))
+    g2 = np.outer([0.5, -0.5], x[1]) * min(1.0, 0.1 / (1 / np.sqrt(2)))
+    np.testing.assert_allclose(w, -(g1 + g2) / 2, rtol=1e-4, atol=1e-7)
+    assert np.linalg.norm(w) <= 0.1 + 1e-6  # the mean of two clipped gradients
+    # With noise on, every step adds N(0, (zC)^2) / expected batch to each coordinate.
+    model = _linear()
+    train_dpsgd(
+        model,
+        np.zeros((4, 2), np.float32),  # zero inputs: zero gradients, noise only
+        np.zeros(4, dtype=np.int64),
+        epochs=200,
+        batch_size=4,
+        lr=1.0,
+        clip_norm=0.5,
+        noise_multiplier=2.0,
+        generator=g,
+        noise_generator=torch.Generator().manual_seed(2),
+    )
+    # 200 steps of N(0, (zC/B)^2) per coordinate: a sum with std sqrt(200) zC/B
+    std = np.sqrt(200) * 2.0 * 0.5 / 4
+    w = model.weight.detach().numpy()
+    assert np.all(np.abs(w) < 5 * std) and np.abs(w).max() > 0.2 * std
+
+
+def test_a_layer_that_per_example_gradients_cannot_handle_is_named():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    problems = dp_problems(model)
+    assert len(problems) == 1 and "layer '2' (BatchNorm1d)" in problems[0]
+    assert dp_problems(nn.Sequential(nn.Linear(4, 2))) == []
+
+
+SAMPLE = [
+    "run.rounds=3",
+    "data.num_clients=6",
+    "data.partition.kind=dirichlet",
+    "data.partition.variant=flower",  # shards of unequal sizes: each client its own q
+    "model.hidden=[16]",
+    "strategy.clients_per_round=3",
+    "client.batch_size=8",
+    "privacy.dp.mode=sample",
+    "privacy.dp.clip_norm=1",
+    "privacy.dp.noise_multiplier=1.1",
+    "privacy.delta=1e-4",
+]
+
+
+EPOCHS = load_scenario(None, SAMPLE).client.epochs
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tmp_path_factory, _ray_session):
+    base = tmp_path_factory.mktemp("sample")
+    return {
+        e: execute(load_scenario(None, [*SAMPLE, f"simulation.engine={e}"]), out=base / e).out_dir
+        for e in ("fedsim", "flower")
+    }
+
+
+def test_both_engines_give_the_same_model(sample_runs):
+    a, b = (json.loads((sample_runs[e] / "summary.json").read_text()) for e in ("fedsim", "flower"))
+    assert a["model_sha256"] == b["model_sha256"]
+    assert a["dp_mode"] == "sample" and a["dp_sampling_assumption"] == "sample"
+
+
+def test_each_clients_epsilon_counts_the_steps_of_the_rounds_it_took_part_in(sample_runs):
+    run = sample_runs["fedsim"]
+    parts = json.loads((run / "partitions.json").read_text())
+    sizes = {int(c["client_id"]): int(c["train_size"]) for c in parts["clients"]}
+    with (run / "participation.csv").open() as f:
+        took_part: dict[int, int] = {}
+        for r in csv.DictReader(f):
+            if r["status"] not in ("offline", "online", "dropped"):
+                c = int(r["client_id"])
+                took_part[c] = took_part.get(c, 0) + 1
+    with (run / "privacy_clients.csv").open() as f:
+        rows = {int(r["client_id"]): r for r in csv.DictReader(f)}
+    assert set(rows) == set(took_part)  # a client that never took part spends nothing
+    for c, r in rows.items():
+        spe = steps_per_epoch(sizes[c], 8)
+        assert int(r["releases"]) == took_part[c] * spe * EPOCHS
+        mech = Mechanism(1.1, "poisson", q=1 / spe)
+        assert float(r["epsilon"]) == epsilon("rdp", mech, int(r["releases"]), 1e-4)
+        # one more round would have cost more
+        assert epsilon("rdp", mech, int(r["releases"]) + spe, 1e-4) > float(r["epsilon"])
+    assert len({int(r["releases"]) for r in rows.values()}) > 1  # unequal shards or rounds
+    s = json.loads((run / "summary.json").read_text())
+    assert s["dp_epsilon"] == max(float(r["epsilon"]) for r in rows.values())
+    per_round = [r["dp_epsilon"] for r in read_metrics(run)]
+    assert per_round == sorted(per_round) and per_round[-1] == s["dp_epsilon"]
