@@ -1,4 +1,4 @@
-"""``fedsim run | validate | schema``: parse arguments, call the library, map errors to exits.
+"""``fedsim run | validate | schema | credentials | node``: parse arguments, call the library, map errors to exits.
 
 Exit codes: 0 success; 1 the run failed; 2 a bad scenario or bad arguments (one line per
 problem, naming the file and key path); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
@@ -91,7 +91,96 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE_OR_FILE",
         help="include a plug-in's registrations, as run.plugins does (repeatable)",
     )
+
+    cred = sub.add_parser(
+        "credentials",
+        help="make a CA, the SuperLink's TLS certificate and SuperNode keys (a lab's)",
+    )
+    cred.add_argument("dir", type=Path, help="new folder to write (never overwritten)")
+    cred.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="a name or address the nodes dial the SuperLink at (repeatable; "
+        "default 127.0.0.1 and localhost)",
+    )
+    cred.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs (default 3)")
+    cred.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
+
+    node = sub.add_parser(
+        "node", help="run a client node: a Flower SuperNode with fedsim's ClientApp"
+    )
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="Fleet API")
+    node.add_argument(
+        "--partition-id",
+        type=int,
+        required=True,
+        help="the scenario's data partition this node holds (client id)",
+    )
+    node.add_argument("--root-certificates", type=Path, metavar="CA.pem", help="CA to trust")
+    node.add_argument(
+        "--key", type=Path, metavar="PRIVATE_KEY", help="the node's key (credentials nodes/node-K)"
+    )
+    node.add_argument(
+        "--insecure", action="store_true", help="no TLS (a throw-away local test only)"
+    )
+    node.add_argument("--port", type=int, help="the node's local Runtime API port (default free)")
+    node.add_argument(
+        "--rejoin-wait",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="how long a refused activation is tried again (a restarted node is still "
+        "online for the SuperLink for about a minute; default 90)",
+    )
     return p
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from fedsim.deploy.credentials import make_credentials
+
+    hosts = args.hosts or ["127.0.0.1", "localhost"]
+    try:
+        creds = make_credentials(args.dir, hosts=hosts, nodes=args.nodes, days=args.days)
+    except (FileExistsError, ValueError) as exc:
+        print(f"fedsim credentials: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(
+        f"{creds.root}: CA ca.pem, SuperLink certificate superlink.pem for {', '.join(hosts)}, "
+        f"{args.nodes} SuperNode key pairs in nodes/ (node-K private, node-K.pub to register)"
+    )
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import warnings
+
+    from fedsim.deploy.config import split_address
+    from fedsim.deploy.node import NodeOptions, problems, run_node
+
+    opts = NodeOptions(
+        superlink=args.superlink,
+        partition_id=args.partition_id,
+        root_certificates=args.root_certificates,
+        auth_key=args.key,
+        insecure=args.insecure,
+        port=args.port,
+        rejoin_wait_s=args.rejoin_wait,
+    )
+    bad = problems(opts)
+    try:
+        split_address(args.superlink)
+    except ValueError as exc:
+        bad.append(f"--superlink: {exc}")
+    for line in bad:
+        print(f"fedsim node: {line}", file=sys.stderr)
+    if bad:
+        return EXIT_BAD_INPUT
+    if args.insecure:
+        warnings.warn("fedsim node --insecure: no TLS, plain-text gRPC", stacklevel=1)
+    return run_node(opts)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -216,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FEDSIM_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}[args.command](
-            args
-        )
+        commands = {
+            "run": _cmd_run,
+            "validate": _cmd_validate,
+            "schema": _cmd_schema,
+            "credentials": _cmd_credentials,
+            "node": _cmd_node,
+        }
+        return commands[args.command](args)
     except KeyboardInterrupt as exc:
         notes = " ".join(getattr(exc, "__notes__", []))
         terminated = _terminated

@@ -81,6 +81,7 @@ def resolve_paths(scn: Scenario) -> Scenario:
             "data": absolute(scn.data, "path"),
             "churn": churn,
             "system": absolute(scn.system, "profiles"),
+            "deployment": absolute(absolute(scn.deployment, "credentials"), "node_keys"),
         }
     )
 

@@ -1,8 +1,8 @@
 """Scenario files: schema (pydantic v2), TOML loading, ``--set`` overrides, JSON Schema.
 
 A scenario is one TOML file with the tables ``run``, ``data``, ``model``, ``client``,
-``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator``, ``attack``, the
-list ``transforms`` and the reserved ``privacy``. Every key has a
+``strategy``, ``simulation``, ``churn``, ``system``, ``coordinator``, ``attack``,
+``privacy``, ``deployment`` and the list ``transforms``. Every key has a
 default except what must be chosen (e.g. ``data.path`` for MNIST); unknown keys are
 errors; every error names its key path.
 """
@@ -22,6 +22,7 @@ import fedsim.world.availability  # noqa: F401  (registers the built-in availabi
 from fedsim.attack_params import ATTACKS, AttackParams
 from fedsim.client_params import CLIENTS, ClientParams
 from fedsim.data import DATASETS
+from fedsim.deploy.config import DeploymentSection, check_deployment
 from fedsim.errors import ScenarioError
 from fedsim.models import MODELS, ModelSpec
 from fedsim.plugins import load_builtins, load_plugins
@@ -80,10 +81,12 @@ class ClientResources(Section):
 
 
 class SimulationSection(Section):
-    engine: Literal["fedsim", "flower"] = Field(
+    engine: Literal["fedsim", "flower", "deployment"] = Field(
         "fedsim",
         description="'fedsim': fedsim's Grid over a Ray actor pool (fast). "
-        "'flower': the same apps under Flower's run_simulation (the reference).",
+        "'flower': the same apps under Flower's run_simulation (the reference). "
+        "'deployment': a real Flower SuperLink with the clients on real SuperNodes "
+        "(`fedsim node`) over gRPC, as the [deployment] table says.",
     )
     num_workers: int | None = Field(
         None,
@@ -130,6 +133,7 @@ class Scenario(Section):
         default_factory=lambda: _default(ATTACKS)
     )
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    deployment: DeploymentSection = Field(default_factory=DeploymentSection)
 
     # Derived sizes the engine needs everywhere.
     @property
@@ -363,19 +367,23 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                 "privacy.dp.mode = 'sample' needs (use 'sgd')",
             )
         )
-    if (
-        scn.run.checkpoint_every is not None
-        and scn.simulation.engine == "flower"
-        and type(scn.client).keeps_state
-    ):
+    engine = scn.simulation.engine
+    if scn.run.checkpoint_every is not None and engine != "fedsim" and type(scn.client).keeps_state:
+        where = "Flower's runtime" if engine == "flower" else "each SuperNode"
         problems.append(
             (
                 "run.checkpoint_every",
                 f"client behaviour '{scn.client.behaviour}' may keep client state, which "
-                "Flower's runtime holds where no checkpoint can save it: use "
+                f"{where} holds where no checkpoint can save it: use "
                 "simulation.engine = 'fedsim'",
             )
         )
+    if engine == "deployment":
+        problems += check_deployment(scn.deployment)
+        if scn.simulation.ray_address is not None:
+            problems.append(("simulation.ray_address", "not used by engine 'deployment'"))
+    elif scn.deployment != DeploymentSection():
+        problems.append(("deployment", "used only with simulation.engine = 'deployment'"))
     problems += check_privacy(
         scn.privacy,
         num_clients=n,
@@ -385,11 +393,11 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
         expected_cohort=scn.expected_cohort,
     )
     problems += _check_sampling(scn)
-    if scn.simulation.engine == "flower" and scn.simulation.num_workers is not None:
+    if engine != "fedsim" and scn.simulation.num_workers is not None:
         problems.append(
             (
                 "simulation.num_workers",
-                "not used by engine 'flower' (it sizes its pool from client_resources)",
+                f"not used by engine '{engine}' (only fedsim's own pool has workers)",
             )
         )
     return problems
@@ -449,9 +457,11 @@ def _check_world(scn: Scenario) -> list[tuple[str, str]]:
         )
     if co.straggler_policy == "partial" and co.deadline_s is None:
         problems.append(("coordinator.straggler_policy", "'partial' needs coordinator.deadline_s"))
-    if scn.simulation.engine == "flower":
-        # Flower's runtime has no virtual clock: only what a failing ClientApp can express.
-        why = "needs simulation.engine = 'fedsim' (Flower's runtime has no virtual clock)"
+    if scn.simulation.engine != "fedsim":
+        # Flower's runtime and a deployment have no virtual clock: only what a failing
+        # ClientApp can express (a deployment's churn is real).
+        which = "Flower's runtime" if scn.simulation.engine == "flower" else "a deployment"
+        why = f"needs simulation.engine = 'fedsim' ({which} has no virtual clock)"
         if ch.availability.kind != "always":
             problems.append(("churn.availability.kind", f"'{ch.availability.kind}' {why}"))
         m = ch.membership

@@ -29,10 +29,12 @@ LAYERS: list[tuple[str, ...]] = [
         "fedsim.attack_params",
         "fedsim.transforms",
         "fedsim.privacy",
+        "fedsim.deploy.config",
     ),
     ("fedsim.scenario", "fedsim.reference"),
     ("strategies", "clients"),
-    ("fedsim.engine", "fedsim.privacy.ledger"),  # (the ledger reads a whole Scenario)
+    # (the ledger reads a whole Scenario; fedsim.deploy is the deployment engine)
+    ("fedsim.engine", "fedsim.privacy.ledger", "fedsim.deploy"),
     ("fedsim.results", "fedsim.plots", "fedsim.progress"),
     ("fedsim.runner", "fedsim.cli", "fedsim.__init__", "fedsim"),
 ]

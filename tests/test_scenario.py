@@ -139,6 +139,7 @@ def test_json_schema_describes_every_section():
         "transforms",
         "attack",
         "privacy",
+        "deployment",
     }
     text = json.dumps(schema)
     assert "proximal_mu" in text and "shards_per_client" in text

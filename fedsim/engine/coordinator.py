@@ -30,6 +30,7 @@ from fedsim.engine import checkpoint
 from fedsim.engine.checkpoint import Snapshot
 from fedsim.engine.fold import Block
 from fedsim.engine.messaging import (
+    POLL_S,
     ClientDirectory,
     PhasedGrid,
     SubsetGrid,
@@ -111,6 +112,8 @@ class Coordinator:
         on_checkpoint: CheckpointHook | None = None,
         resume: Snapshot | None = None,
         ledger: Ledger | None = None,
+        node_wait_s: float = 120.0,
+        max_poll_s: float = POLL_S,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -122,6 +125,8 @@ class Coordinator:
         self.evaluate_fn = evaluate_fn
         self.on_round = on_round
         self.reply_timeout_s = reply_timeout_s
+        self.node_wait_s = node_wait_s  # for every client's node to join (real grids)
+        self.max_poll_s = max_poll_s  # the longest step between pulls of a polled grid
         self.stop = stop
         self.evaluate_trained = evaluate_trained
         # Hand a weighted-mean strategy one folded reply instead of the whole cohort.
@@ -289,7 +294,13 @@ class Coordinator:
         if sent.handle is not None:
             replies, blocks = self._grid.collect_phase(sent.handle, timeout=self.reply_timeout_s)  # type: ignore[attr-defined]
         else:
-            replies = exchange(self._grid, msgs, timeout=self.reply_timeout_s, stop=self.stop)
+            replies = exchange(
+                self._grid,
+                msgs,
+                timeout=self.reply_timeout_s,
+                stop=self.stop,
+                max_poll_s=self.max_poll_s,
+            )
         by_id = {r.metadata.reply_to_message_id: r for r in replies}
         ordered = [by_id.get(m.metadata.message_id) for m in msgs]
         errors = [r for r in replies if r.has_error() and rejection(r) is None]
@@ -379,7 +390,9 @@ class Coordinator:
         self._directory = (
             grid.client_directory()
             if isinstance(grid, PhasedGrid)
-            else ClientDirectory.discover(grid, self.num_clients, stop=self.stop)
+            else ClientDirectory.discover(
+                grid, self.num_clients, timeout_s=self.node_wait_s, stop=self.stop
+            )
         )
         self._model_bytes: int | None = None
         self.arrays = self.initial_arrays

@@ -28,17 +28,21 @@ def exchange(
     *,
     timeout: float | None = None,
     stop: threading.Event | None = None,
+    max_poll_s: float = POLL_S,
 ) -> list[Message]:
     """Send messages and collect replies.
 
     fedsim's grid delivers synchronously (no polling). Other grids (Flower's runtime,
-    a real SuperLink) are pulled in short steps so a ``stop`` request ends the wait.
+    a real SuperLink) are pulled in short steps so a ``stop`` request ends the wait;
+    with ``max_poll_s`` above ``POLL_S`` the step grows (x1.5) while nothing arrives,
+    up to that (each pull of a real SuperLink is an HTTPS request it must serve).
     """
     if isinstance(grid, PhasedGrid) or stop is None:
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
+    step = POLL_S
     while pending:
         if stop.is_set():
             raise Stopped("stopped while waiting for client replies")
@@ -47,8 +51,11 @@ def exchange(
         pending -= {m.metadata.reply_to_message_id for m in got}
         if deadline is not None and time.monotonic() > deadline:
             break
-        if pending and not got:
-            time.sleep(POLL_S)
+        if got:
+            step = POLL_S
+        elif pending:
+            time.sleep(step)
+            step = min(max_poll_s, step * 1.5)
     return replies
 
 

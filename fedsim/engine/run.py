@@ -17,6 +17,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from clients.app import build_client_app
 from fedsim.data import AnyFederation as Federation
+from fedsim.deploy.superlink import DeployedRun, SuperLink, start_superlink
 from fedsim.engine.checkpoint import Snapshot
 from fedsim.engine.coordinator import (
     CheckpointHook,
@@ -28,7 +29,7 @@ from fedsim.engine.grid import RayGrid
 from fedsim.engine.malloc import keep_freed_buffers
 from fedsim.engine.pool import WorkerPool
 from fedsim.engine.ray_runtime import check_fit, start_ray, stop_ray
-from fedsim.engine.server import ServerOutcome, build_server_app
+from fedsim.engine.server import ServerOutcome, build_server_app, reply_limit
 from fedsim.world import World
 
 if TYPE_CHECKING:
@@ -83,9 +84,13 @@ class Engine:
         self._started = False
         self.timings: dict[str, Any] = {}
         self.fit = 0
+        self._superlink: SuperLink | None = None
 
     def __enter__(self) -> Engine:
         sim = self.scn.simulation
+        if sim.engine == "deployment":
+            self._superlink = start_superlink(self.scn, self.timings)
+            return self
         self._started, self.timings["ray_start_s"] = start_ray(address=sim.ray_address)
         try:
             res = sim.client_resources
@@ -98,6 +103,9 @@ class Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._superlink is not None:
+            self._superlink.__exit__(*exc)
+            self._superlink = None
         stop_ray(self._started)
 
     def run(
@@ -118,6 +126,8 @@ class Engine:
         self._world = world
         if self.scn.simulation.engine == "flower":
             return self._run_flower(fed, on_round)
+        if self.scn.simulation.engine == "deployment":
+            return self._run_deployment(fed, on_round)
         return self._run_fedsim(fed, on_round)
 
     def _finish(self, outcome: ServerOutcome) -> EngineResult:
@@ -170,6 +180,46 @@ class Engine:
             return self._finish(outcome)
         finally:
             pool.shutdown()
+
+    def _run_deployment(self, fed: Federation, on_round: RoundHook | None) -> EngineResult:
+        """The coordinator over a real SuperLink (started on entering): Flower's own
+        HTTP grid to its Runtime API, the clients on the SuperNodes that joined."""
+        link = self._superlink
+        assert link is not None
+        outcome = ServerOutcome()
+        app = build_server_app(
+            self.scn,
+            fed,
+            self._world,
+            outcome,
+            on_round,
+            # (with a stop event the coordinator polls the grid every 20 ms, not 3 s)
+            stop=threading.Event(),
+            on_participation=self._on_participation,
+            on_checkpoint=self._on_checkpoint,
+            resume=self._resume,
+        )
+        with (
+            DeployedRun(
+                link.http_address,
+                self.scn.model_dump_json(),
+                insecure=link.insecure,
+                root_certificates=link.root_certificates,
+                max_reply_bytes=reply_limit(self.scn, fed),
+            ) as run,
+            quiet_flower(),
+        ):
+            context = Context(
+                run_id=run.run_id or 0,
+                node_id=SUPERLINK_NODE_ID,
+                node_config={},
+                state=RecordDict(),
+                run_config={},
+            )
+            app(run.grid, context)
+            if outcome.error is not None:  # the run is reported failed, then re-raised
+                raise outcome.error
+        return self._finish(outcome)
 
     def _run_flower(self, fed: Federation, on_round: RoundHook | None) -> EngineResult:
         from flwr.simulation import run_simulation

@@ -20,7 +20,8 @@ from fedsim.engine.coordinator import (
     ParticipationHook,
     RoundHook,
 )
-from fedsim.engine.validation import ReplyLimits
+from fedsim.engine.messaging import POLL_S
+from fedsim.engine.validation import SLACK_BYTES, ReplyLimits
 from fedsim.models import build_model
 from fedsim.privacy.ledger import Ledger
 from fedsim.world import World
@@ -53,6 +54,14 @@ def make_evaluate_fn(scn: Scenario, fed: Federation):
     return evaluate
 
 
+def reply_limit(scn: Scenario, fed: Federation) -> int:
+    """The most bytes a reply may have: coordinator.max_reply_bytes, else the model's
+    size plus the slack for metrics (as ``ReplyLimits.check_size``)."""
+    if scn.coordinator.max_reply_bytes is not None:
+        return scn.coordinator.max_reply_bytes
+    return SLACK_BYTES + sum(len(a.data) for a in initial_arrays(scn, fed).values())
+
+
 @dataclass
 class ServerOutcome:
     """Filled by the ServerApp; read by the engine once the app returns."""
@@ -73,6 +82,7 @@ def build_coordinator(
     resume: Snapshot | None = None,
 ) -> Coordinator:
     s = scn.strategy
+    deployed = scn.simulation.engine == "deployment"
     return Coordinator(
         strategy=s.build(client_lr=scn.client.lr),
         initial_arrays=initial_arrays(scn, fed),
@@ -97,6 +107,11 @@ def build_coordinator(
         on_checkpoint=on_checkpoint,
         resume=resume,
         ledger=Ledger.of(scn, shard_sizes=fed.train_sizes()),
+        # Simulated clients never hang; real ones may: a phase waits a bounded time.
+        reply_timeout_s=scn.deployment.round_timeout_s if deployed else None,
+        node_wait_s=scn.deployment.wait_for_nodes_s,
+        # A SuperNode pulls its messages every 3 s when idle: a 0.25 s step costs little.
+        max_poll_s=0.25 if deployed else POLL_S,
     )
 
 

@@ -1,0 +1,198 @@
+"""``fedsim node``: one client machine's Flower SuperNode, running fedsim's ClientApp.
+
+It starts ``flower-supernode`` (from fedsim's environment) with TLS to the SuperLink, the
+node's authentication key, and the ``node_config`` that says whose data it holds, runs
+the node's ClientApp tasks in its own executor (``executor.py``), and stays in the
+foreground: its output is the SuperNode's; Ctrl-C or SIGTERM stops it and the SuperNode. A refusal by the SuperLink (an unregistered key, a certificate
+that does not verify) ends it with one line saying which, and exit code 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsim.deploy.processes import child_env, flower_program, free_port
+
+__all__ = ["NodeOptions", "node_argv", "run_node"]
+
+# What flower-supernode prints when the SuperLink turns it away, and what fedsim says.
+_REFUSALS = (
+    (
+        "Failed to activate SuperNode",
+        "the SuperLink refused this node: its public key is not registered there "
+        "(put its .pub in the coordinator's deployment.node_keys), or a node with this "
+        "key is still online",
+    ),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the SuperLink's TLS certificate does not verify against --root-certificates",
+    ),
+    (
+        "Ssl handshake failed",
+        "the TLS handshake with the SuperLink failed (wrong --root-certificates, or the "
+        "SuperLink's certificate is not valid for the address dialled)",
+    ),
+)
+
+
+REJOIN_STEP_S = 5.0
+STALE_ID = "Invalid node ID"
+MIN_UP_S = 5.0  # a SuperNode that ran longer and ended by itself lost its SuperLink
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    superlink: str
+    partition_id: int
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    insecure: bool = False
+    port: int | None = None
+    max_wait_s: float = 15.0
+    rejoin_wait_s: float = 90.0
+
+
+def node_argv(o: NodeOptions) -> list[str]:
+    argv = [
+        flower_program("flower-supernode"),
+        "--superlink",
+        o.superlink,
+        "--node-config",
+        f"partition-id={o.partition_id}",
+        "--isolation",
+        "process",  # its ClientApp tasks run in fedsim node's executor (executor.py)
+        "--host",
+        "127.0.0.1",  # the node's own Runtime API: for that executor only
+        "--port",
+        str(o.port),
+    ]
+    if o.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(o.root_certificates)]
+    if o.auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(o.auth_key)]
+    # A SuperNode that cannot reach its SuperLink for this long exits, and run_node
+    # starts a fresh one: a new SuperLink (the next run) knows none of the old node ids,
+    # which Flower's SuperNode would otherwise retry for ever.
+    argv += ["--max-wait-time", str(o.max_wait_s)]
+    return argv
+
+
+def problems(o: NodeOptions) -> list[str]:
+    out = []
+    if not o.insecure and o.root_certificates is None:
+        out.append("--root-certificates CA.pem is required (or --insecure, for a test)")
+    for flag, path in (("--root-certificates", o.root_certificates), ("--key", o.auth_key)):
+        if path is not None and not path.is_file():
+            out.append(f"{flag}: {path} does not exist")
+    if o.partition_id < 0:
+        out.append(f"--partition-id must be >= 0, got {o.partition_id}")
+    return out
+
+
+def _run_once(o: NodeOptions, stopping: threading.Event) -> tuple[int, list[str], bool]:
+    """One SuperNode (and executor) until it exits: (exit code, refusals seen, whether
+    it was stopped to start afresh)."""
+    from clients.deployed import app
+    from fedsim.deploy.executor import serve_tasks
+
+    # (In this process group: Ctrl-C in a terminal, or a kill of the group, reaches it.)
+    proc = subprocess.Popen(
+        node_argv(o),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+        text=True,
+        errors="replace",
+    )
+    refused: list[str] = []
+    stale: list[str] = []
+
+    def relay() -> None:  # the SuperNode's output, watched for a refusal
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            refused.extend(why for needle, why in _REFUSALS if needle in line)
+            if STALE_ID in line and not stale:
+                # A new SuperLink (the next run's) does not know the node id this
+                # SuperNode got from the last one, and Flower's SuperNode retries with
+                # it for ever: start a fresh one, which activates anew.
+                stale.append(line)
+                proc.send_signal(signal.SIGTERM)
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    stop = threading.Event()
+    executor = threading.Thread(
+        target=serve_tasks, args=(f"127.0.0.1:{o.port}", app, stop), daemon=True
+    )
+    executor.start()
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.set()
+        proc.send_signal(signal.SIGTERM)  # the SuperNode leaves the SuperLink cleanly
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+        executor.join(timeout=5)
+    return code, refused, bool(stale)
+
+
+def run_node(o: NodeOptions) -> int:
+    """Run the SuperNode and its ClientApp executor until stopped (Ctrl-C, SIGTERM) or
+    refused; the exit code (1 on a refusal). A SuperNode that loses its SuperLink (it
+    stopped, or a new one took its place) is replaced by a fresh one, so a node outlives
+    a run and serves the next.
+
+    A refused activation is tried again for ``o.rejoin_wait_s``: a node that crashed and
+    came back is still online for the SuperLink until its heartbeats are missed (about
+    a minute), and a node may dial before the coordinator has registered the keys.
+    """
+    o = dataclasses.replace(o, port=o.port or free_port())
+    stopping = threading.Event()
+    first_refusal: float | None = None
+    while True:
+        t0 = time.monotonic()
+        code, refused, renew = _run_once(o, stopping)
+        if stopping.is_set():
+            break
+        if not refused and (renew or time.monotonic() - t0 >= MIN_UP_S):
+            print("fedsim node: lost the SuperLink; connecting afresh", file=sys.stderr)
+            stopping.wait(1.0)
+            continue
+        if not refused:
+            break
+        now = time.monotonic()
+        first_refusal = now if first_refusal is None else first_refusal
+        if now - first_refusal >= o.rejoin_wait_s or "TLS" in refused[0]:
+            break
+        if now == first_refusal:
+            print(
+                f"fedsim node: {refused[0]}; trying again for up to {o.rejoin_wait_s:.0f} s "
+                "(a restarted node is let in once its old self's heartbeats lapse)",
+                file=sys.stderr,
+            )
+        stopping.wait(REJOIN_STEP_S)
+    if refused and not stopping.is_set():
+        print(f"fedsim node: {refused[0]}", file=sys.stderr)
+        return 1
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) or stopping.is_set() else code

@@ -1,0 +1,210 @@
+"""A real deployment across hosts: ``fedsim run`` with simulation.engine = "deployment"
+on the SuperLink's host, ``fedsim node`` on three client hosts (network namespaces
+joined by veth links where the machine allows, else loopback: the run's header says
+which), TLS and SuperNode authentication on.
+
+Checked: the deployment's model equals the simulation's (same seed, same partitions);
+a reply over ``coordinator.max_reply_bytes`` is refused while it arrives;
+a node with an unregistered key, and one that does not trust the SuperLink's
+certificate, are refused with one line on each side while the run goes on; a client
+host killed mid-run fails only its own replies (dropped, the round completes with the
+others within the round timeout) and takes part again once it comes back; nothing the
+test started is left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsim.deploy.credentials import make_credentials
+from fedsim.runner import execute
+from fedsim.scenario import load_scenario
+
+from .conftest import Hosts, fedsim
+
+NODES = 3
+ROUNDS_B = 12  # rounds after the host's death outlast its ~60 s heartbeat lapse
+BASE = ["data.num_clients=3", "run.seed=7"]
+
+
+def _wait_for(pred, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "participation.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _sets(args: list[str]) -> list[str]:
+    return [x for a in args for x in ("--set", a)]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, _ray_session):
+    work = tmp_path_factory.mktemp("deploy")
+    out: dict = {}
+    with Hosts(NODES + 1, work) as hosts:  # (the last host: the intruders')
+        out["mode"] = hosts.mode
+        creds = make_credentials(work / "creds", hosts=[hosts.link_ip], nodes=NODES)
+        other = make_credentials(work / "other", hosts=[hosts.link_ip], nodes=1)
+        fleet = f"{hosts.link_ip}:{9092 if hosts.netns else _port()}"
+        deploy = [
+            "simulation.engine=deployment",
+            f"deployment.credentials={creds.root}",
+            f"deployment.fleet_address={fleet}",
+            "deployment.wait_for_nodes_s=120",
+        ]
+
+        def node(name: str, host: int, k: int, key: Path, ca: Path, rejoin: float = 90):
+            return hosts.spawn(
+                name,
+                host,
+                fedsim(
+                    "node",
+                    "--superlink",
+                    fleet,
+                    "--partition-id",
+                    str(k),
+                    "--root-certificates",
+                    str(ca),
+                    "--key",
+                    str(key),
+                    "--rejoin-wait",
+                    str(rejoin),
+                ),
+            )
+
+        # 1. A clean run, compared with its simulation; intruders knock meanwhile.
+        for k in range(NODES):
+            node(f"a-node{k}", k, k, creds.node_key(k), creds.ca)
+        run_a = hosts.spawn(
+            "a-run",
+            None,
+            fedsim("run", *_sets([*BASE, "run.rounds=2", *deploy]), "--out", str(work / "a")),
+        )
+        # (its folder appears once the SuperLink is up)
+        _wait_for(lambda: (work / "a.incomplete").exists(), 120, "the first run to start")
+        unregistered = node("intruder-key", NODES, 0, other.node_key(0), creds.ca, rejoin=0)
+        wrong_ca = node("intruder-ca", NODES, 1, creds.node_key(1), other.ca, rejoin=0)
+        out["unregistered_rc"] = unregistered.wait(timeout=120)
+        out["wrong_ca_rc"] = wrong_ca.wait(timeout=120)
+        out["a_rc"] = run_a.wait(timeout=300)
+        for k in range(NODES):
+            hosts.stop(f"a-node{k}")
+        out["a"] = work / "a"
+        out["a_log"] = hosts.log("a-run")
+        out["intruder_key_log"] = hosts.log("intruder-key")
+        out["intruder_ca_log"] = hosts.log("intruder-ca")
+
+        # 2. A client host dies after round 1 and comes back (Flower lets a node with
+        # the same key in again once the dead one's heartbeats lapse, about 60 s).
+        for k in range(NODES):
+            node(f"b-node{k}", k, k, creds.node_key(k), creds.ca)
+        run_b = hosts.spawn(
+            "b-run",
+            None,
+            fedsim(
+                "run",
+                *_sets([*BASE, f"run.rounds={ROUNDS_B}", *deploy, "deployment.round_timeout_s=10"]),
+                "--out",
+                str(work / "b"),
+            ),
+        )
+        metrics = work / "b.incomplete" / "metrics.jsonl"
+        _wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), 180, "round 1")
+        out["killed_after"] = len(metrics.read_text().splitlines())
+        hosts.crash("b-node2", 2)
+        node("b-node2-again", 2, 2, creds.node_key(2), creds.ca, rejoin=180)
+        out["b_rc"] = run_b.wait(timeout=400)
+        out["b"] = work / "b"
+        out["b_log"] = hosts.log("b-run")
+
+        # 3. The same nodes (they wait for the next run), replies over a 1 KiB limit.
+        run_c = hosts.spawn(
+            "c-run",
+            None,
+            fedsim(
+                "run",
+                *_sets([*BASE, "run.rounds=1", *deploy, "coordinator.max_reply_bytes=1024"]),
+                "--out",
+                str(work / "c"),
+            ),
+        )
+        out["c_rc"] = run_c.wait(timeout=300)
+        out["c"] = work / "c"
+        out["c_log"] = hosts.log("c-run")
+    out["leftovers"] = hosts.leftovers()
+    out["sim"] = execute(load_scenario(None, [*BASE, "run.rounds=2"]), out=work / "sim").out_dir
+    return out
+
+
+def _port() -> int:
+    from fedsim.deploy.processes import free_port
+
+    return free_port()
+
+
+def test_the_deployment_gives_the_simulations_model(deployed):
+    print(f"deployment test network: {deployed['mode']}")
+    assert deployed["a_rc"] == 0, deployed["a_log"][-2000:]
+    a = json.loads((deployed["a"] / "summary.json").read_text())
+    sim = json.loads((deployed["sim"] / "summary.json").read_text())
+    assert a["model_sha256"] == sim["model_sha256"]
+    assert sorted(p.name for p in deployed["a"].iterdir()) == sorted(
+        p.name for p in deployed["sim"].iterdir()
+    )
+    assert {r["status"] for r in _rows(deployed["a"])} == {"aggregated"}
+
+
+def test_a_node_with_an_unregistered_key_is_refused(deployed):
+    assert deployed["unregistered_rc"] == 1
+    assert (
+        "fedsim node: the SuperLink refused this node: its public key is not registered"
+        in (deployed["intruder_key_log"])
+    )
+    assert "the SuperLink refused a node: its public key is not registered" in deployed["a_log"]
+
+
+def test_a_node_that_does_not_trust_the_superlinks_certificate_is_refused(deployed):
+    assert deployed["wrong_ca_rc"] == 1
+    assert "does not verify against --root-certificates" in deployed["intruder_ca_log"]
+
+
+def test_a_killed_node_drops_only_its_own_replies_and_comes_back(deployed):
+    assert deployed["b_rc"] == 0, deployed["b_log"][-2000:]
+    rows = _rows(deployed["b"])
+    assert len(rows) == ROUNDS_B * NODES
+    status = {(int(r["round"]), int(r["client_id"])): r["status"] for r in rows}
+    # The host died while round k + 1 ran (k rounds recorded), or just before k + 2
+    # started (a fast round may have finished in between).
+    k = deployed["killed_after"]
+    dead = [r for r in range(k + 1, ROUNDS_B + 1) if status[(r, 2)] == "dropped"]
+    assert dead and dead[0] <= k + 2, rows
+    assert all(status[(r, 2)] == "aggregated" for r in range(1, k + 1))
+    assert all(status[(r, c)] == "aggregated" for r in range(1, ROUNDS_B + 1) for c in (0, 1))
+    back = [r for r in range(dead[0] + 1, ROUNDS_B + 1) if status[(r, 2)] == "aggregated"]
+    assert back, f"node 2 never came back: {rows}"
+    metrics = [json.loads(x) for x in (deployed["b"] / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(1, ROUNDS_B + 1))
+
+
+def test_a_reply_over_the_limit_is_refused_as_it_arrives(deployed):
+    assert deployed["c_rc"] == 0, deployed["c_log"][-2000:]
+    statuses = {r["status"] for r in _rows(deployed["c"])}
+    assert statuses == {"rejected:reply exceeds the limit of 1024 bytes (refused while it arrived)"}
+    (m,) = [json.loads(x) for x in (deployed["c"] / "metrics.jsonl").read_text().splitlines()]
+    assert m["clients_rejected"] == NODES and m["round_skipped"] is True
+
+
+def test_nothing_the_test_started_is_left(deployed):
+    assert deployed["leftovers"] == []
