@@ -21,6 +21,7 @@ noise's from ``noise_generator``; same inputs give bit-identical weights on the 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any
 
@@ -121,7 +122,10 @@ def train_dpsgd(
         opt.zero_grad(set_to_none=True)
         if len(idx):
             ce = F.cross_entropy(gsm(xt[idx]), yt[idx])
-            ce.backward()
+            with warnings.catch_warnings():
+                # Opacus's hooks on a first layer whose input needs no gradient: expected.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                ce.backward()
             seen += len(idx)
             loss_sum += ce.detach().double() * len(idx)
         else:  # an empty Poisson batch: no gradient, but the noise all the same
