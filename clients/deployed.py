@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.app import build_client_app
 
-SCENARIO_KEY = "fedsim-scenario"  # (fedsim.deploy.superlink.SCENARIO_KEY)
+SCENARIO_KEY = "fedsim-scenario"  # (the coordinator writes it: fedsim.deploy.superlink)
 
 app = ClientApp()
 

@@ -29,6 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clients.deployed import SCENARIO_KEY
 from fedsim.deploy.credentials import Credentials, node_public_keys
 from fedsim.deploy.processes import FlowerProcess, flower_program, free_port
 
@@ -42,7 +43,6 @@ __all__ = ["CLIENT_APP", "SCENARIO_KEY", "DeployedRun", "SuperLink", "start_supe
 
 log = logging.getLogger("fedsim.deploy")
 
-SCENARIO_KEY = "fedsim-scenario"
 CLIENT_APP = "clients.deployed:app"
 SERVER_APP = "fedsim.deploy.serverapp:app"
 STARTUP_S = 60.0
@@ -61,10 +61,23 @@ _REFUSED = (
 )
 
 
-def _interceptors(component: str) -> list[Any]:
+def _http_client(api: str, address: str, *, insecure: bool, root_certificates: bytes | None) -> Any:
+    """A client of the SuperLink's HTTP ``api``: "control" (as the flwr CLI) or
+    "runtime" (as Flower's SuperExec)."""
+    from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
 
-    return [RuntimeVersionHttpInterceptor(component_name=component)]
+    cls, component = {
+        "control": (ControlHttpClient, "flwr CLI"),
+        "runtime": (RuntimeHttpClient, "SuperExec"),
+    }[api]
+    return cls.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=component)],
+    )
 
 
 class SuperLink:
@@ -121,13 +134,11 @@ class SuperLink:
         return argv
 
     def control(self) -> Any:
-        from flwr.supercore.control import ControlHttpClient
-
-        return ControlHttpClient.from_server_address(
-            server_address=self.http_address,
+        return _http_client(
+            "control",
+            self.http_address,
             insecure=self.insecure,
             root_certificates=self.root_certificates,
-            interceptors=_interceptors("flwr CLI"),
         )
 
     def _healthy(self) -> bool:
@@ -231,33 +242,26 @@ class DeployedRun:
         self.run_id: int | None = None
         self.grid: Grid | None = None
         self._stack = ExitStack()
-        self.failed: str | None = None
 
     def __enter__(self) -> DeployedRun:
         from flwr.common.serde import fab_to_proto, run_from_proto
         from flwr.proto.control_pb2 import StartRunRequest
         from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
         from flwr.supercore.constant import TaskType
-        from flwr.supercore.control import ControlHttpClient
         from flwr.supercore.fab import Fab
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supercore.task_identity import TaskIdentity
 
         from fedsim.deploy.grid import BoundedHttpGrid
 
         kw = {"insecure": self.insecure, "root_certificates": self.root_certificates}
-        ctl = ControlHttpClient.from_server_address(
-            server_address=self.http_address, interceptors=_interceptors("flwr CLI"), **kw
-        )
+        ctl = _http_client("control", self.http_address, **kw)
         fab = fab_bytes(self.scenario_json)
         res = ctl.StartRun(
             StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})))
         )
         self.run_id = int(res.run_id)
-        runtime = RuntimeHttpClient.from_server_address(
-            server_address=self.http_address, interceptors=_interceptors("SuperExec"), **kw
-        )
+        runtime = _http_client("runtime", self.http_address, **kw)
         deadline = time.monotonic() + STARTUP_S
         while True:  # the oldest pending ServerApp task: the run just made
             acq = runtime.AcquireTask(

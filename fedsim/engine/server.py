@@ -21,7 +21,7 @@ from fedsim.engine.coordinator import (
     RoundHook,
 )
 from fedsim.engine.messaging import POLL_S
-from fedsim.engine.validation import SLACK_BYTES, ReplyLimits
+from fedsim.engine.validation import ReplyLimits
 from fedsim.models import build_model
 from fedsim.privacy.ledger import Ledger
 from fedsim.world import World
@@ -55,11 +55,11 @@ def make_evaluate_fn(scn: Scenario, fed: Federation):
 
 
 def reply_limit(scn: Scenario, fed: Federation) -> int:
-    """The most bytes a reply may have: coordinator.max_reply_bytes, else the model's
-    size plus the slack for metrics (as ``ReplyLimits.check_size``)."""
-    if scn.coordinator.max_reply_bytes is not None:
-        return scn.coordinator.max_reply_bytes
-    return SLACK_BYTES + sum(len(a.data) for a in initial_arrays(scn, fed).values())
+    """The most bytes a reply may have (``ReplyLimits.reply_limit`` of the scenario)."""
+    limits = ReplyLimits.of(fed, max_reply_bytes=scn.coordinator.max_reply_bytes)
+    if limits.max_reply_bytes is not None:
+        return limits.max_reply_bytes
+    return limits.reply_limit(initial_arrays(scn, fed))
 
 
 @dataclass

@@ -58,12 +58,17 @@ class ReplyLimits:
         """Raise Invalid for a reply larger than ``max_reply_bytes`` (default: the
         model's bytes plus ``SLACK_BYTES`` for metrics): counted from the records'
         lengths, before any of it is read."""
-        limit = self.max_reply_bytes
-        if limit is None:
-            limit = SLACK_BYTES + (0 if model is None else _array_bytes(model))
+        limit = self.reply_limit(model)
         size = reply_bytes(content)
         if size > limit:
             raise Invalid(f"reply of {size:,} bytes exceeds the limit of {limit:,}")
+
+    def reply_limit(self, model: ArrayRecord | None) -> int:
+        """The most bytes a reply may have: ``max_reply_bytes``, else the model's bytes
+        plus ``SLACK_BYTES`` for metrics."""
+        if self.max_reply_bytes is not None:
+            return self.max_reply_bytes
+        return SLACK_BYTES + (0 if model is None else _array_bytes(model))
 
     def cap(self, cid: int, *, training: bool) -> int | None:
         """The most examples client ``cid`` can report for a task (None: no limit)."""
