@@ -108,3 +108,18 @@ def test_scenario_imports_no_algorithm_package():
     path = Path(REPO) / "fedsim" / "scenario.py"
     names = _imports(path, "fedsim.scenario")
     assert not [n for n in names if n.split(".")[0] in ("clients", "strategies")]
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists its packages by hand: a new sub-package left out of the list
+    works in an editable install (the tests) and is missing from a real one."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {"fedsim.scenarios"}  # (scenarios/, installed as fedsim.scenarios)
+    for top in ("fedsim", "strategies", "clients"):
+        for init in (REPO / top).rglob("__init__.py"):
+            found.add(init.parent.relative_to(REPO).as_posix().replace("/", "."))
+    assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
