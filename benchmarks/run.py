@@ -190,25 +190,69 @@ def summarise(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str,
     return row
 
 
-def derive(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def paired_ratio(raw: dict[str, dict[str, list[dict[str, Any]]]], name: str) -> float | None:
+    """Median over repetitions of ``name``'s fedsim round time over its base's, each
+    repetition's pair measured side by side (see ``schedule``)."""
+    base = WORKLOADS[name].base
+    runs, base_runs = raw.get(name, {}).get("fedsim"), raw.get(base or "", {}).get("fedsim")
+    if not runs or not base_runs:
+        return None
+    return statistics.median(
+        r["steady_s"] / b["steady_s"] for r, b in zip(runs, base_runs, strict=True)
+    )
+
+
+def derive(
+    rows: dict[str, dict[str, Any]], raw: dict[str, dict[str, list[dict[str, Any]]]]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     a = rows.get("tiny-100of1k")
     f = rows.get("fixed")
     if f and "fedsim_steady_s" in f:
         # Round time with 2 one-example clients: the fixed cost (plus that tiny work).
         out["fixed_ms_per_round"] = 1000 * f["fedsim_steady_s"]
-    d = rows.get("tiny-dp")
-    if a and d and "fedsim_steady_s" in d:
-        out["dp_over_tiny"] = d["fedsim_steady_s"] / a["fedsim_steady_s"]
-    mlp, dpsgd = rows.get("mlp"), rows.get("mlp-dpsgd")
-    if mlp and dpsgd and "fedsim_steady_s" in dpsgd and "fedsim_steady_s" in mlp:
-        out["dpsgd_over_mlp"] = dpsgd["fedsim_steady_s"] / mlp["fedsim_steady_s"]
+    for key, name in (
+        ("dp_over_tiny", "tiny-dp"),
+        ("dpsgd_over_mlp", "mlp-dpsgd"),
+        ("population_1M_over_1k", "tiny-100of1M"),
+    ):
+        ratio = paired_ratio(raw, name)
+        if ratio is not None:
+            out[key] = ratio
     m = rows.get("tiny-100of1M")
     if a and m and "fedsim_steady_s" in m:
-        out["population_1M_over_1k"] = m["fedsim_steady_s"] / a["fedsim_steady_s"]
         extra = (m["fedsim_peak_driver_mb"] - a["fedsim_peak_driver_mb"]) * 2**20
         out["dormant_bytes_per_client"] = max(0.0, extra) / (m["population"] - a["population"])
     return out
+
+
+def schedule(
+    names: list[str], contenders: dict[str, list[str]], reps: int
+) -> list[tuple[str, str]]:
+    """The order of all measurements: by workload, repetitions in turn, contenders
+    alternating within each. A workload with a ``base`` is measured within its base's
+    repetitions, its fedsim run next to the base's, the pair's order alternating from
+    one repetition to the next (base first, then it first, ...)."""
+    deps: dict[str, list[str]] = {}
+    for n in names:
+        base = WORKLOADS[n].base
+        if base in names and "fedsim" in contenders[n] and "fedsim" in contenders[base]:
+            deps.setdefault(base, []).append(n)
+    paired = {d for ds in deps.values() for d in ds}
+    order: list[tuple[str, str]] = []
+    for n in names:
+        if n in paired:
+            continue
+        for rep in range(reps):
+            if n not in deps:
+                order += [(n, c) for c in contenders[n]]
+                continue
+            order += [(n, c) for c in contenders[n] if c != "fedsim"]
+            pair = [(n, "fedsim")] + [(d, "fedsim") for d in deps[n]]
+            order += pair if rep % 2 == 0 else pair[::-1]
+            for d in deps[n]:  # (a dependent's other contenders, if any)
+                order += [(d, c) for c in contenders[d] if c != "fedsim"]
+    return order
 
 
 def check_targets(rows: dict[str, dict[str, Any]], derived: dict[str, Any]) -> dict[str, Any]:
@@ -285,18 +329,18 @@ def main(argv: list[str] | None = None) -> int:
         n: a.rounds or (default_rounds if a.quick else WORKLOADS[n].rounds or default_rounds)
         for n in names
     }
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name in names:
-        contenders = [c for c in WORKLOADS[name].contenders if c in wanted]
-        if a.quick and name == "tiny-1kof1k":
-            contenders = [c for c in contenders if c != "flower"]
-        raw[name] = {c: [] for c in contenders}
-        for rep in range(reps):
-            for c in contenders:
-                print(f"[{name}] {c} run {rep + 1}/{reps} ...", file=sys.stderr, flush=True)
-                raw[name][c].append(measure(name, c, rounds[name]))
+    contenders = {n: [c for c in WORKLOADS[n].contenders if c in wanted] for n in names}
+    if a.quick and "tiny-1kof1k" in contenders:
+        contenders["tiny-1kof1k"] = [c for c in contenders["tiny-1kof1k"] if c != "flower"]
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {
+        n: {c: [] for c in contenders[n]} for n in names
+    }
+    for name, c in schedule(names, contenders, reps):
+        rep = len(raw[name][c]) + 1
+        print(f"[{name}] {c} run {rep}/{reps} ...", file=sys.stderr, flush=True)
+        raw[name][c].append(measure(name, c, rounds[name]))
     rows = {n: summarise(n, r) for n, r in raw.items()}
-    derived = derive(rows)
+    derived = derive(rows, raw)
     targets = check_targets(rows, derived)
     print(table(rows))
     print()

@@ -18,6 +18,11 @@ class Workload:
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     rounds: int | None = None  # rounds per run when --rounds is not given (default: 6)
+    # A workload whose fedsim round time is read as a ratio to ``base``'s: the harness
+    # runs the two side by side in every repetition (in alternating order), and the
+    # ratio is the median of the per-repetition ratios, so drift in the machine's speed
+    # over a long run cannot pass for a cost.
+    base: str | None = None
 
     def scenario(self, rounds: int, engine: str = "fedsim") -> Scenario:
         return load_scenario(
@@ -59,6 +64,7 @@ WORKLOADS: dict[str, Workload] = {
             ("data.num_clients=1000000",),
             contenders=("fedsim",),
             note="as tiny-100of1k with a population of 1,000,000",
+            base="tiny-100of1k",
         ),
         Workload(
             "tiny-dp",
@@ -71,6 +77,7 @@ WORKLOADS: dict[str, Workload] = {
             contenders=("fedsim",),
             note="as tiny-100of1k with central DP (clip, equal weights, noise, RDP per "
             "round); the same fixed-size cohorts, so its round time compares with tiny's",
+            base="tiny-100of1k",
         ),
         Workload(
             "mlp-dpsgd",
@@ -85,6 +92,7 @@ WORKLOADS: dict[str, Workload] = {
             contenders=("fedsim",),
             note="as mlp with record-level DP-SGD (Opacus) in every client's training: "
             "`dpsgd_over_mlp` is its round time over mlp's",
+            base="mlp",
         ),
         Workload(
             "fixed",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_harness_smoke_prints_the_table_and_writes_json(tmp_path):
@@ -31,3 +32,29 @@ def test_harness_smoke_prints_the_table_and_writes_json(tmp_path):
     assert row["fedsim_ray_start_s"] > 0 and row["fedsim_over_ideal"] > 0
     assert row["fedsim_over_floor"] > 0 and row["floor_over_ideal"] > 0
     assert doc["raw"]["smoke"]["fedsim"][0]["round_s"].__len__() == 2
+
+
+def test_paired_workloads_run_next_to_their_base_in_alternating_order(monkeypatch):
+    # (site-packages holds another top-level `benchmarks`: import the repository's)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    from benchmarks.run import paired_ratio, schedule
+    from benchmarks.workloads import WORKLOADS
+
+    names = ["tiny-100of1k", "mlp", "tiny-dp", "mlp-dpsgd"]
+    order = schedule(names, {n: list(WORKLOADS[n].contenders) for n in names}, reps=3)
+    fedsim = [n for n, c in order if c == "fedsim"]
+    # each repetition's pair is adjacent; base first, then second, then first again
+    assert fedsim == [
+        "tiny-100of1k", "tiny-dp", "tiny-dp", "tiny-100of1k", "tiny-100of1k", "tiny-dp",
+        "mlp", "mlp-dpsgd", "mlp-dpsgd", "mlp", "mlp", "mlp-dpsgd",
+    ]  # fmt: skip
+    assert sum(1 for n, c in order if n == "mlp" and c == "flower") == 3
+    # the ratio is the median of per-repetition ratios, not a ratio of medians
+    raw = {
+        "tiny-100of1k": {"fedsim": [{"steady_s": s} for s in (1.0, 2.0, 1.0)]},
+        "tiny-dp": {"fedsim": [{"steady_s": s} for s in (1.1, 2.2, 1.0)]},
+    }
+    assert paired_ratio(raw, "tiny-dp") == 1.1
+    assert paired_ratio(raw, "mlp-dpsgd") is None
