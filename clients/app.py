@@ -4,7 +4,8 @@ The app closes over the resolved scenario as a JSON string only; datasets, shard
 the model are built once per worker process (``_env``) and reused for every virtual
 client that worker hosts, so nothing is pickled per client. The same app runs under
 fedsim's Ray grid, Flower's simulation runtime, and on real SuperNodes
-(``node_config`` must then carry ``partition-id``).
+(``node_config`` must then carry ``partition-id``, and ``data-dir`` when the node
+trains on a folder of its own instead of that partition: ``fedsim.data.local``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedsim.arrays import to_array, torch_state
 from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, instruction_config, round_of
 from fedsim.data import AnyFederation, load_federation
+from fedsim.data.local import LocalData, load_local_data
 from fedsim.models import build_model
 from fedsim.privacy.config import LocalDp, SampleDp
 from fedsim.privacy.mechanisms import CLIPPED, local_dp
@@ -31,6 +33,8 @@ from fedsim.rng import np_rng, torch_generator
 from fedsim.scenario import Scenario, scenario_from_json
 
 PARTITION_ID = "partition-id"
+DATA_DIR = "data-dir"  # a node's own data folder (fedsim node --data)
+LOCAL_DATA = "local-data"  # (the query reply: 1 if the node trains on its own folder)
 
 
 @dataclass
@@ -81,6 +85,23 @@ def _client_id(context: Context) -> int:
         ) from None
 
 
+@functools.lru_cache(maxsize=4)
+def _local(folder: str) -> LocalData:
+    return load_local_data(folder)
+
+
+def _client_data(env: _Env, context: Context, cid: int, *, train: bool) -> tuple:
+    """(x, y) the client trains (or evaluates) on: its partition of the scenario's
+    dataset, or the node's own data folder when its node_config names one."""
+    folder = context.node_config.get(DATA_DIR)
+    if not folder:
+        fed = env.federation
+        return fed.train_data(cid) if train else fed.test_data(cid)
+    local = _local(str(folder))
+    local.check(env.federation.input_shape, env.federation.num_classes)
+    return (local.x, local.y) if train else (local.x_test, local.y_test)
+
+
 def _load_arrays(env: _Env, msg: Message) -> None:
     record = msg.content.array_records["arrays"]
     # Every message of a batch carries the same ArrayRecord object (the global model):
@@ -129,7 +150,7 @@ def build_client_app(spec_json: str) -> ClientApp:
             )
         _load_arrays(env, msg)
         env.holds = None  # training changes the weights
-        x, y = env.federation.train_data(cid)
+        x, y = _client_data(env, context, cid, train=True)
         seed = env.scenario.run.seed
         attack = env.scenario.attack if cid in env.attackers else None
         w_t: dict[str, np.ndarray] = {}
@@ -182,7 +203,7 @@ def build_client_app(spec_json: str) -> ClientApp:
         cid = _client_id(context)
         config = instruction_config(msg)
         _load_arrays(env, msg)
-        x, y = env.federation.test_data(cid)
+        x, y = _client_data(env, context, cid, train=False)
         server_round = round_of(config)
         # Evaluation reads the client's state but keeps no change to it: fedsim's engine
         # queues a round's evaluation behind the next round's training, so only training
@@ -196,7 +217,8 @@ def build_client_app(spec_json: str) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         # Lets a coordinator map Flower node ids to fedsim client (partition) ids.
-        info = MetricRecord({PARTITION_ID: _client_id(context)})
+        local = int(bool(context.node_config.get(DATA_DIR)))
+        info = MetricRecord({PARTITION_ID: _client_id(context), LOCAL_DATA: local})
         return Message(RecordDict({"info": info}), reply_to=msg)
 
     return app

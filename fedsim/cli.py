@@ -1,4 +1,4 @@
-"""``fedsim run | validate | schema | credentials | node``: parse arguments, call the library, map errors to exits.
+"""``fedsim run | validate | schema | credentials | node | export``: parse arguments, call the library, map errors to exits.
 
 Exit codes: 0 success; 1 the run failed; 2 a bad scenario or bad arguments (one line per
 problem, naming the file and key path); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
@@ -117,7 +117,16 @@ def _parser() -> argparse.ArgumentParser:
         "--partition-id",
         type=int,
         required=True,
-        help="the scenario's data partition this node holds (client id)",
+        help="this node's client id: with the scenario's partitions, the partition it "
+        "trains on; with --data, the id the coordinator knows it by",
+    )
+    node.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="train on this machine's own data folder (train.npz and test.npz with "
+        "arrays x and y) instead of the scenario's partition; the coordinator's "
+        "scenario must say deployment.client_data = 'local'",
     )
     node.add_argument("--root-certificates", type=Path, metavar="CA.pem", help="CA to trust")
     node.add_argument(
@@ -128,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--port", type=int, help="the node's local Runtime API port (default free)")
     node.add_argument(
+        "--poll",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often an idle node asks the SuperLink for work (default 0.5; Flower's "
+        "own SuperNode: 3, which adds seconds to every round)",
+    )
+    node.add_argument(
         "--rejoin-wait",
         type=float,
         default=90.0,
@@ -135,7 +152,65 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a refused activation is tried again (a restarted node is still "
         "online for the SuperLink for about a minute; default 90)",
     )
+
+    exp = sub.add_parser(
+        "export",
+        help="write clients' partitions of a scenario's dataset as data folders "
+        "(what fedsim node --data reads)",
+    )
+    exp.add_argument("scenario", help="scenario TOML file")
+    exp.add_argument("dir", type=Path, help="new folder to write: DIR/client-K per client")
+    exp.add_argument(
+        "--partition-id",
+        dest="clients",
+        type=int,
+        action="append",
+        default=[],
+        metavar="K",
+        help="a client to export (repeatable; default every client)",
+    )
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedsim.data import load_federation
+    from fedsim.data.local import LocalDataError, export_client
+    from fedsim.scenario import load_scenario
+
+    try:
+        scn = load_scenario(args.scenario, args.overrides)
+    except ScenarioError as exc:
+        _print_problems(args.scenario, exc)
+        return EXIT_BAD_INPUT
+    n = scn.num_clients
+    clients = args.clients or list(range(n))
+    bad = [k for k in clients if not 0 <= k < n]
+    if bad:
+        print(
+            f"fedsim export: --partition-id {bad[0]}: the scenario has clients 0..{n - 1}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if args.dir.exists():
+        print(f"fedsim export: {args.dir}: exists already (nothing was written)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    fed = load_federation(scn.data, seed=scn.run.seed)
+    tmp = args.dir.with_name(f".{args.dir.name}.partial")
+    try:
+        for k in sorted(set(clients)):
+            export_client(fed.train_data(k), fed.test_data(k), tmp / f"client-{k}")
+        tmp.rename(args.dir)
+    except (LocalDataError, OSError) as exc:
+        print(f"fedsim export: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+    print(f"{args.dir}: {len(set(clients))} client data folder(s), client-K/{{train,test}}.npz")
+    return 0
 
 
 def _cmd_credentials(args: argparse.Namespace) -> int:
@@ -157,17 +232,31 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 def _cmd_node(args: argparse.Namespace) -> int:
     import warnings
 
+    from fedsim.data.local import LocalDataError, load_local_data
     from fedsim.deploy.config import split_address
     from fedsim.deploy.node import NodeOptions, problems, run_node
 
+    if args.data is not None:
+        try:
+            local = load_local_data(args.data)
+        except LocalDataError as exc:
+            print(f"fedsim node: --data: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(
+            f"fedsim node: data folder {local.folder}: {len(local.y)} training and "
+            f"{len(local.y_test)} held-out examples of shape {list(local.input_shape)}",
+            file=sys.stderr,
+        )
     opts = NodeOptions(
         superlink=args.superlink,
         partition_id=args.partition_id,
+        data_dir=None if args.data is None else args.data.resolve(),
         root_certificates=args.root_certificates,
         auth_key=args.key,
         insecure=args.insecure,
         port=args.port,
         rejoin_wait_s=args.rejoin_wait,
+        idle_poll_s=args.poll,
     )
     bad = problems(opts)
     try:
@@ -180,7 +269,13 @@ def _cmd_node(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.insecure:
         warnings.warn("fedsim node --insecure: no TLS, plain-text gRPC", stacklevel=1)
-    return run_node(opts)
+    code = run_node(opts)
+    # A task cut short (its SuperNode gone mid-push) leaves Flower's HTTP retries in
+    # pool threads that the interpreter would wait for at exit, a minute or more after
+    # a SIGTERM. Every process the node started has ended by now: it leaves at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -311,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": _cmd_schema,
             "credentials": _cmd_credentials,
             "node": _cmd_node,
+            "export": _cmd_export,
         }
         return commands[args.command](args)
     except KeyboardInterrupt as exc:

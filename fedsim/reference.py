@@ -128,10 +128,17 @@ _PRIVACY_DOC = (
 )
 
 
+_DEPLOYMENT_DOC = (
+    'Used only with `simulation.engine = "deployment"` (see "Deploy across machines"): '
+    "the coordinator on a real Flower SuperLink, the clients on real SuperNodes."
+)
+
+
 def render() -> str:
     from fedsim.attack_params import ATTACKS, AttackParams
     from fedsim.client_params import CLIENTS, ClientParams
     from fedsim.data import DATASETS, PARTITIONERS
+    from fedsim.deploy.config import DeploymentSection
     from fedsim.models import MODELS
     from fedsim.privacy.config import DP_MODES, PrivacySection
     from fedsim.scenario import (
@@ -201,7 +208,9 @@ def render() -> str:
     lines += table(PrivacySection, "privacy.", skip=("dp",))
     lines += ["", "### `[privacy.dp]`", ""]
     lines += _variants("DP mode", "mode", DP_MODES, "privacy.dp.", ())
-    lines += [END]
+    lines += ["### `[deployment]`", "", _DEPLOYMENT_DOC, ""]
+    lines += table(DeploymentSection, "deployment.")
+    lines += ["", END]
     return "\n".join(lines)
 
 

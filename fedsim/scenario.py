@@ -380,6 +380,24 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
         )
     if engine == "deployment":
         problems += check_deployment(scn.deployment)
+        if scn.deployment.client_data == "local":
+            if scn.coordinator.max_examples is None:
+                problems.append(
+                    (
+                        "coordinator.max_examples",
+                        "required with deployment.client_data = 'local': the coordinator "
+                        "cannot know how many examples a node's own folder holds, so this "
+                        "caps what a node may claim",
+                    )
+                )
+            if scn.privacy.dp.mode == "sample":
+                problems.append(
+                    (
+                        "privacy.dp.mode",
+                        "'sample' (DP-SGD) accounts each client from its shard size, which "
+                        "the coordinator does not know with deployment.client_data = 'local'",
+                    )
+                )
         if scn.simulation.ray_address is not None:
             problems.append(("simulation.ray_address", "not used by engine 'deployment'"))
     elif scn.deployment != DeploymentSection():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -49,6 +50,16 @@ class DeploymentSection(Section):
         None,
         description="Folder of the SuperNodes' public keys (*.pub, OpenSSH format) to "
         "register; default: the credentials folder's nodes/.",
+    )
+    client_data: Literal["partitions", "local"] = Field(
+        "partitions",
+        description="Whose data the nodes train on: 'partitions' (each node serves its "
+        "`--partition-id` of the scenario's dataset: a deployment checked against its "
+        "simulation) or 'local' (each node's own folder, `fedsim node --data DIR`: the "
+        "real case). With 'local' the coordinator cannot know the nodes' data sizes, "
+        "so coordinator.max_examples must cap the example counts they report, and "
+        "[data] only declares the model's input shape and classes (and the server's "
+        "test set).",
     )
     wait_for_nodes_s: float = Field(
         120.0,

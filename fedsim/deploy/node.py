@@ -1,6 +1,7 @@
 """``fedsim node``: one client machine's Flower SuperNode, running fedsim's ClientApp.
 
-It starts ``flower-supernode`` (from fedsim's environment) with TLS to the SuperLink, the
+It starts Flower's SuperNode (``flower-supernode`` from fedsim's environment, through
+``fedsim.deploy.supernode``, which shortens its idle wait) with TLS to the SuperLink, the
 node's authentication key, and the ``node_config`` that says whose data it holds, runs
 the node's ClientApp tasks in its own executor (``executor.py``), and stays in the
 foreground: its output is the SuperNode's; Ctrl-C or SIGTERM stops it and the SuperNode. A refusal by the SuperLink (an unregistered key, a certificate
@@ -10,6 +11,7 @@ that does not verify) ends it with one line saying which, and exit code 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsim.deploy.processes import child_env, flower_program, free_port
+from fedsim.deploy.processes import child_env, free_port
 
 __all__ = ["NodeOptions", "node_argv", "run_node"]
 
@@ -57,15 +59,30 @@ class NodeOptions:
     port: int | None = None
     max_wait_s: float = 15.0
     rejoin_wait_s: float = 90.0
+    data_dir: Path | None = None  # the node's own data folder (else its partition)
+    idle_poll_s: float = 0.5  # how often an idle SuperNode asks for work (Flower: 3 s)
+
+
+def node_config(o: NodeOptions) -> str:
+    """The SuperNode's ``--node-config``: whose data its ClientApp trains on."""
+    conf = f"partition-id={o.partition_id}"
+    if o.data_dir is not None:
+        path = str(o.data_dir)  # a TOML string: literal ('...') unless the path has a '
+        conf += f" data-dir='{path}'" if "'" not in path else f" data-dir={json.dumps(path)}"
+    return conf
 
 
 def node_argv(o: NodeOptions) -> list[str]:
     argv = [
-        flower_program("flower-supernode"),
+        sys.executable,
+        "-m",
+        "fedsim.deploy.supernode",
+        "--idle-poll",
+        str(o.idle_poll_s),
         "--superlink",
         o.superlink,
         "--node-config",
-        f"partition-id={o.partition_id}",
+        node_config(o),
         "--isolation",
         "process",  # its ClientApp tasks run in fedsim node's executor (executor.py)
         "--host",
@@ -93,14 +110,21 @@ def problems(o: NodeOptions) -> list[str]:
     for flag, path in (("--root-certificates", o.root_certificates), ("--key", o.auth_key)):
         if path is not None and not path.is_file():
             out.append(f"{flag}: {path} does not exist")
+    if o.data_dir is not None and "'" in str(o.data_dir) and '"' in str(o.data_dir):
+        out.append(f"--data: {o.data_dir}: a path with both ' and \" cannot be passed on")
+    if not 0.05 <= o.idle_poll_s <= 60:
+        out.append(f"--poll must be between 0.05 and 60 seconds, got {o.idle_poll_s}")
     if o.partition_id < 0:
         out.append(f"--partition-id must be >= 0, got {o.partition_id}")
     return out
 
 
-def _run_once(o: NodeOptions, stopping: threading.Event) -> tuple[int, list[str], bool]:
+def _run_once(
+    o: NodeOptions, stopping: threading.Event, current: list[subprocess.Popen[str]]
+) -> tuple[int, list[str], bool]:
     """One SuperNode (and executor) until it exits: (exit code, refusals seen, whether
-    it was stopped to start afresh)."""
+    it was stopped to start afresh). ``current`` holds the SuperNode while it runs, for
+    run_node's signal handler."""
     from clients.deployed import app
     from fedsim.deploy.executor import serve_tasks
 
@@ -138,16 +162,13 @@ def _run_once(o: NodeOptions, stopping: threading.Event) -> tuple[int, list[str]
     )
     executor.start()
 
-    def forward(signum: int, frame: object) -> None:
-        stopping.set()
-        proc.send_signal(signal.SIGTERM)  # the SuperNode leaves the SuperLink cleanly
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    current.append(proc)
+    if stopping.is_set():  # (a signal came while it started)
+        proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        current.clear()
         stop.set()
         if proc.poll() is None:
             proc.kill()
@@ -169,10 +190,27 @@ def run_node(o: NodeOptions) -> int:
     """
     o = dataclasses.replace(o, port=o.port or free_port())
     stopping = threading.Event()
+    current: list[subprocess.Popen[str]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.set()
+        for proc in list(current):  # the SuperNode leaves the SuperLink cleanly
+            proc.send_signal(signal.SIGTERM)
+
+    # (For the whole life of the node, between SuperNodes too.)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(o, stopping, current)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _serve(o: NodeOptions, stopping: threading.Event, current: list[subprocess.Popen[str]]) -> int:
     first_refusal: float | None = None
-    while True:
+    while not stopping.is_set():
         t0 = time.monotonic()
-        code, refused, renew = _run_once(o, stopping)
+        code, refused, renew = _run_once(o, stopping, current)
         if stopping.is_set():
             break
         if not refused and (renew or time.monotonic() - t0 >= MIN_UP_S):
@@ -192,7 +230,9 @@ def run_node(o: NodeOptions) -> int:
                 file=sys.stderr,
             )
         stopping.wait(REJOIN_STEP_S)
-    if refused and not stopping.is_set():
+    if stopping.is_set():
+        return 0
+    if refused:
         print(f"fedsim node: {refused[0]}", file=sys.stderr)
         return 1
-    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) or stopping.is_set() else code
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code

@@ -114,6 +114,7 @@ class Coordinator:
         ledger: Ledger | None = None,
         node_wait_s: float = 120.0,
         max_poll_s: float = POLL_S,
+        local_data: bool | None = None,
     ) -> None:
         self.strategy = strategy
         self.initial_arrays = initial_arrays
@@ -127,6 +128,7 @@ class Coordinator:
         self.reply_timeout_s = reply_timeout_s
         self.node_wait_s = node_wait_s  # for every client's node to join (real grids)
         self.max_poll_s = max_poll_s  # the longest step between pulls of a polled grid
+        self.local_data = local_data  # real nodes on their own data folders (or not)
         self.stop = stop
         self.evaluate_trained = evaluate_trained
         # Hand a weighted-mean strategy one folded reply instead of the whole cohort.
@@ -280,6 +282,12 @@ class Coordinator:
                 if cid in extra_config:
                     m.content = _with_config(m.content, extra_config[cid])
         msgs.sort(key=lambda m: directory.client_of(m.metadata.dst_node_id))
+        if self.reply_timeout_s is not None and not isinstance(grid, PhasedGrid):
+            # A real node that has not fetched its message when the phase stops waiting
+            # must not train on it later (its reply would be ignored, its state changed):
+            # the SuperLink drops a message whose time to live has run out.
+            for m in msgs:
+                m.metadata.ttl = self.reply_timeout_s
         handle = grid.submit_phase(msgs, fold=fold) if isinstance(grid, PhasedGrid) else None
         return Sent(phase, server_round, msgs, expected_failures, handle)
 
@@ -391,7 +399,11 @@ class Coordinator:
             grid.client_directory()
             if isinstance(grid, PhasedGrid)
             else ClientDirectory.discover(
-                grid, self.num_clients, timeout_s=self.node_wait_s, stop=self.stop
+                grid,
+                self.num_clients,
+                timeout_s=self.node_wait_s,
+                stop=self.stop,
+                local_data=self.local_data,
             )
         )
         self._model_bytes: int | None = None

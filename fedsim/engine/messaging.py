@@ -154,8 +154,11 @@ class ClientDirectory:
         *,
         timeout_s: float = 120.0,
         stop: threading.Event | None = None,
+        local_data: bool | None = None,
     ) -> ClientDirectory:
         """Ask every node for its ``partition-id`` (Flower runtime or real SuperNodes).
+        With ``local_data`` given, every node must (True) or must not (False) train on a
+        data folder of its own (``fedsim node --data``), as the scenario says.
 
         fedsim's own grid knows the mapping and is asked directly instead.
         """
@@ -179,7 +182,20 @@ class ClientDirectory:
         for reply in exchange(grid, msgs, timeout=timeout_s, stop=stop):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            cid = int(reply.content.metric_records["info"]["partition-id"])
+            info = reply.content.metric_records["info"]
+            cid = int(info["partition-id"])
+            if local_data is not None and bool(info.get("local-data", 0)) != local_data:
+                node = reply.metadata.src_node_id
+                raise RuntimeError(
+                    f"the node of partition-id {cid} (node {node}) trains on "
+                    + (
+                        "the scenario's partition, but deployment.client_data = 'local' "
+                        "(start it with fedsim node --data DIR)"
+                        if local_data
+                        else "a data folder of its own (fedsim node --data), but "
+                        "deployment.client_data = 'partitions'"
+                    )
+                )
             if cid in node_of:
                 raise RuntimeError(f"two nodes claim partition-id {cid}")
             node_of[cid] = reply.metadata.src_node_id

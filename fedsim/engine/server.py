@@ -62,6 +62,16 @@ def reply_limit(scn: Scenario, fed: Federation) -> int:
     return limits.reply_limit(initial_arrays(scn, fed))
 
 
+def reply_limits(scn: Scenario, fed: Federation) -> ReplyLimits:
+    """What a reply may claim. Nodes on their own data folders
+    (``deployment.client_data = "local"``) hold shards the coordinator does not know:
+    only ``coordinator.max_examples`` caps their counts."""
+    co = scn.coordinator
+    if scn.simulation.engine == "deployment" and scn.deployment.client_data == "local":
+        return ReplyLimits(max_examples=co.max_examples, max_reply_bytes=co.max_reply_bytes)
+    return ReplyLimits.of(fed, co.max_examples, co.max_reply_bytes)
+
+
 @dataclass
 class ServerOutcome:
     """Filled by the ServerApp; read by the engine once the app returns."""
@@ -101,7 +111,7 @@ def build_coordinator(
         on_participation=on_participation,
         lookahead=type(s).overlaps_evaluation,
         chains=scn.chains(),
-        limits=ReplyLimits.of(fed, scn.coordinator.max_examples, scn.coordinator.max_reply_bytes),
+        limits=reply_limits(scn, fed),
         attack=scn.attack,
         checkpoint_every=scn.run.checkpoint_every,
         on_checkpoint=on_checkpoint,
@@ -112,6 +122,7 @@ def build_coordinator(
         node_wait_s=scn.deployment.wait_for_nodes_s,
         # A SuperNode pulls its messages every 3 s when idle: a 0.25 s step costs little.
         max_poll_s=0.25 if deployed else POLL_S,
+        local_data=scn.deployment.client_data == "local" if deployed else None,
     )
 
 

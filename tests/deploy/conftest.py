@@ -132,6 +132,36 @@ class Hosts:
         os.killpg(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait(timeout=30)
 
+    def cut(self, name: str, host: int) -> None:
+        """Client host ``host`` loses the network: its veth link goes down (namespace
+        mode; packets are lost, no connection is reset), or on loopback its processes
+        are frozen (SIGSTOP), which the SuperLink sees the same way."""
+        if self.netns:
+            _ip("-n", self.link_ns, "link", "set", f"fs{self.tag}a{host + 1}", "down")
+        else:
+            _killpg(self.procs[name].pid, signal.SIGSTOP)
+
+    def mend(self, name: str, host: int) -> None:
+        """Undo ``cut``."""
+        if self.netns:
+            _ip("-n", self.link_ns, "link", "set", f"fs{self.tag}a{host + 1}", "up")
+        else:
+            _killpg(self.procs[name].pid, signal.SIGCONT)
+
+    def running(self, program: str) -> list[int]:
+        """Pids of this test's processes whose command line names ``program``."""
+        found = []
+        for env in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"{MARK}={self.mark}".encode() not in env.read_bytes():
+                    continue
+                cmd = (env.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if program in cmd:
+                found.append(int(env.parent.name))
+        return found
+
     def stop(self, name: str, *, grace_s: float = 20.0) -> int:
         p = self.procs[name]
         if p.poll() is None:

@@ -171,3 +171,20 @@ def test_the_run_bundle_carries_the_scenario_as_text(tmp_path):
     apps = pyproject["tool"]["flwr"]["app"]
     assert apps["components"]["clientapp"] == "clients.deployed:app"
     assert json.loads(apps["config"][SCENARIO_KEY]) == json.loads(spec)
+
+
+def test_the_supernodes_idle_wait_is_shortened_in_the_pinned_flower():
+    """fedsim node's SuperNode asks for work every --poll seconds, not Flower's 3: the
+    two waits it shortens must still be where fedsim.deploy.supernode expects them."""
+    code = (
+        "import time\n"
+        "from fedsim.deploy.supernode import patch\n"
+        "assert patch(0.2)\n"
+        "import flwr.supernode.start_client_internal as sci\n"
+        "t = time.perf_counter(); sci.time.sleep(3); idle = time.perf_counter() - t\n"
+        "t = time.perf_counter(); sci.time.sleep(0.5); reply = time.perf_counter() - t\n"
+        "assert 0.2 <= idle < 1 and reply < 0.1, (idle, reply)\n"
+        "assert sci.time.monotonic() > 0  # the rest of time is time's\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

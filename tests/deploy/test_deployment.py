@@ -9,13 +9,19 @@ a node with an unregistered key, and one that does not trust the SuperLink's
 certificate, are refused with one line on each side while the run goes on; a client
 host killed mid-run fails only its own replies (dropped, the round completes with the
 others within the round timeout) and takes part again once it comes back; nothing the
-test started is left.
+test started is left. Nodes on data folders of their own (the partitions, exported)
+give the simulation's model too; a client host cut off the network for longer than a
+round's timeout drops only its own replies and takes part again once it is back; Ctrl-C
+of the coordinator and SIGTERM of a node stop every process each started.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,12 +29,13 @@ import pytest
 
 from fedsim.deploy.credentials import make_credentials
 from fedsim.runner import execute
-from fedsim.scenario import load_scenario
+from fedsim.scenario import default_scenario_path, load_scenario
 
 from .conftest import Hosts, fedsim
 
 NODES = 3
 ROUNDS_B = 12  # rounds after the host's death outlast its ~60 s heartbeat lapse
+ROUNDS_E, CUT_S = 6, 8.0  # (the cut outlasts a round's 6 s timeout, not the node's 15 s wait)
 BASE = ["data.num_clients=3", "run.seed=7"]
 
 
@@ -65,7 +72,8 @@ def deployed(tmp_path_factory, _ray_session):
             "deployment.wait_for_nodes_s=120",
         ]
 
-        def node(name: str, host: int, k: int, key: Path, ca: Path, rejoin: float = 90):
+        def node(name: str, host: int, k: int, key: Path, ca: Path, rejoin: float = 90, data=None):
+            args = ["--data", str(data)] if data is not None else []
             return hosts.spawn(
                 name,
                 host,
@@ -81,8 +89,15 @@ def deployed(tmp_path_factory, _ray_session):
                     str(key),
                     "--rejoin-wait",
                     str(rejoin),
+                    *args,
                 ),
             )
+
+        def started(name: str, timeout_s: float = 180) -> Path:
+            """The run folder's metrics, once its first round is recorded."""
+            metrics = work / f"{name}.incomplete" / "metrics.jsonl"
+            _wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), timeout_s, name)
+            return metrics
 
         # 1. A clean run, compared with its simulation; intruders knock meanwhile.
         for k in range(NODES):
@@ -120,8 +135,7 @@ def deployed(tmp_path_factory, _ray_session):
                 str(work / "b"),
             ),
         )
-        metrics = work / "b.incomplete" / "metrics.jsonl"
-        _wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), 180, "round 1")
+        metrics = started("b")
         out["killed_after"] = len(metrics.read_text().splitlines())
         hosts.crash("b-node2", 2)
         node("b-node2-again", 2, 2, creds.node_key(2), creds.ca, rejoin=180)
@@ -143,6 +157,67 @@ def deployed(tmp_path_factory, _ray_session):
         out["c_rc"] = run_c.wait(timeout=300)
         out["c"] = work / "c"
         out["c_log"] = hosts.log("c-run")
+        for name in ("b-node0", "b-node1", "b-node2-again"):
+            hosts.stop(name)
+
+        # 4. Nodes on folders of their own (the scenario's partitions, exported): the
+        # model is still the simulation's.
+        parts = work / "parts"
+        scenario = str(default_scenario_path())
+        exported = subprocess.run(
+            fedsim("export", scenario, str(parts), *_sets(BASE)), capture_output=True, timeout=120
+        )
+        assert exported.returncode == 0, exported.stderr
+        for k in range(NODES):
+            node(f"d-node{k}", k, k, creds.node_key(k), creds.ca, data=parts / f"client-{k}")
+        local = [*deploy, "deployment.client_data=local", "coordinator.max_examples=100000"]
+        run_d = hosts.spawn(
+            "d-run",
+            None,
+            fedsim("run", *_sets([*BASE, "run.rounds=2", *local]), "--out", str(work / "d")),
+        )
+        out["d_rc"] = run_d.wait(timeout=300)
+        out["d"] = work / "d"
+        out["d_log"] = hosts.log("d-run")
+
+        # 5. A client host loses the network for a while (its link down) mid-run.
+        run_e = hosts.spawn(
+            "e-run",
+            None,
+            fedsim(
+                "run",
+                *_sets([*BASE, f"run.rounds={ROUNDS_E}", *local, "deployment.round_timeout_s=6"]),
+                "--out",
+                str(work / "e"),
+            ),
+        )
+        out["cut_after"] = len(started("e").read_text().splitlines())
+        hosts.cut("d-node1", 1)
+        time.sleep(CUT_S)
+        hosts.mend("d-node1", 1)
+        out["e_rc"] = run_e.wait(timeout=300)
+        out["e"] = work / "e"
+        out["e_log"] = hosts.log("e-run")
+
+        # 6. Ctrl-C in the coordinator's terminal (SIGINT to its process group), then
+        # SIGTERM to a node: each stops every process it started.
+        run_f = hosts.spawn(
+            "f-run",
+            None,
+            fedsim("run", *_sets([*BASE, "run.rounds=500", *local]), "--out", str(work / "f")),
+        )
+        started("f")
+        out["superlink_before"] = hosts.running("flower-superlink")
+        os.killpg(run_f.pid, signal.SIGINT)
+        out["f_rc"] = run_f.wait(timeout=60)
+        out["superlink_after"] = hosts.running("flower-superlink")
+        out["f_log"] = hosts.log("f-run")
+        out["f_incomplete"] = (work / "f.incomplete").is_dir() and not (work / "f").exists()
+        out["node0_before"] = hosts.running("client-0")
+        hosts.procs["d-node0"].send_signal(signal.SIGTERM)
+        out["node0_rc"] = hosts.procs["d-node0"].wait(timeout=60)
+        _wait_for(lambda: not hosts.running("client-0"), 30, "node 0's SuperNode to end")
+        out["node0_after"] = hosts.running("client-0")
     out["leftovers"] = hosts.leftovers()
     out["sim"] = execute(load_scenario(None, [*BASE, "run.rounds=2"]), out=work / "sim").out_dir
     return out
@@ -204,6 +279,40 @@ def test_a_reply_over_the_limit_is_refused_as_it_arrives(deployed):
     assert statuses == {"rejected:reply exceeds the limit of 1024 bytes (refused while it arrived)"}
     (m,) = [json.loads(x) for x in (deployed["c"] / "metrics.jsonl").read_text().splitlines()]
     assert m["clients_rejected"] == NODES and m["round_skipped"] is True
+
+
+def test_nodes_on_their_own_data_folders_give_the_simulations_model(deployed):
+    assert deployed["d_rc"] == 0, deployed["d_log"][-2000:]
+    d = json.loads((deployed["d"] / "summary.json").read_text())
+    sim = json.loads((deployed["sim"] / "summary.json").read_text())
+    assert d["model_sha256"] == sim["model_sha256"]
+    assert {r["status"] for r in _rows(deployed["d"])} == {"aggregated"}
+
+
+def test_a_node_cut_off_the_network_drops_only_its_replies_and_reconnects(deployed):
+    assert deployed["e_rc"] == 0, deployed["e_log"][-2000:]
+    status = {(int(r["round"]), int(r["client_id"])): r["status"] for r in _rows(deployed["e"])}
+    k = deployed["cut_after"]
+    assert all(status[(r, 1)] == "aggregated" for r in range(1, k + 1))
+    cut = [r for r in range(k + 1, ROUNDS_E + 1) if status[(r, 1)] == "dropped"]
+    assert cut and cut[0] <= k + 2, status
+    back = [r for r in range(cut[-1] + 1, ROUNDS_E + 1) if status[(r, 1)] == "aggregated"]
+    assert back, f"node 1 never came back: {status}"
+    assert all(status[(r, c)] == "aggregated" for r in range(1, ROUNDS_E + 1) for c in (0, 2))
+
+
+def test_ctrl_c_stops_the_run_and_its_superlink(deployed):
+    assert deployed["superlink_before"], "no SuperLink was running"
+    assert deployed["f_rc"] == 130, deployed["f_log"][-2000:]
+    assert deployed["superlink_after"] == []
+    assert deployed["f_incomplete"]  # (the folder says the run did not finish)
+    assert "fedsim: interrupted" in deployed["f_log"]
+
+
+def test_sigterm_stops_a_node_and_its_supernode(deployed):
+    assert len(deployed["node0_before"]) >= 2  # fedsim node and its flower-supernode
+    assert deployed["node0_rc"] == 0
+    assert deployed["node0_after"] == []
 
 
 def test_nothing_the_test_started_is_left(deployed):
