@@ -1,4 +1,4 @@
-"""``fedsim run | validate | schema | credentials | node | export``: parse arguments, call the library, map errors to exits.
+"""``fedsim run | validate | schema | credentials | node | export | app``: parse arguments, call the library, map errors to exits.
 
 Exit codes: 0 success; 1 the run failed; 2 a bad scenario or bad arguments (one line per
 problem, naming the file and key path); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
@@ -170,6 +170,25 @@ def _parser() -> argparse.ArgumentParser:
         help="a client to export (repeatable; default every client)",
     )
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    fapp = sub.add_parser(
+        "app",
+        help="write a Flower app directory that runs a scenario with Flower's own tools "
+        "(flwr run DIR, on a flower-superlink you started)",
+    )
+    fapp.add_argument("scenario", help="scenario TOML file")
+    fapp.add_argument(
+        "dir", type=Path, help="new folder to write (its name: letters, digits, hyphens)"
+    )
+    fapp.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        metavar="DIR",
+        help="where each run's folder goes on the machine that runs the ServerApp (the "
+        "SuperLink's): DIR/<run.name>-<Flower run id> (default ./runs, made absolute)",
+    )
+    fapp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -210,6 +229,49 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
             shutil.rmtree(tmp)
     print(f"{args.dir}: {len(set(clients))} client data folder(s), client-K/{{train,test}}.npz")
+    return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    import re
+
+    from fedsim.deploy.superlink import app_pyproject
+    from fedsim.runner import _calibrate, prepare, resolve_paths
+    from fedsim.scenario import load_scenario
+
+    name = args.dir.resolve().name
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,99}", name):
+        print(
+            f"fedsim app: {args.dir}: Flower needs the app folder's name to start with a "
+            "letter and hold only letters, digits and hyphens",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if args.dir.exists() and any(args.dir.iterdir()):
+        print(
+            f"fedsim app: {args.dir}: exists and is not empty (nothing was written)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    flower = ["simulation.engine=deployment", "deployment.superlink=flower"]
+    try:
+        scn = resolve_paths(load_scenario(args.scenario, [*args.overrides, *flower]))
+        # The nodes read the scenario from the run config: a noise multiplier calibrated
+        # to privacy.target_epsilon must be in it already.
+        scn = _calibrate(scn, prepare(scn), None)
+    except ScenarioError as exc:
+        _print_problems(args.scenario, exc)
+        return EXIT_BAD_INPUT
+    text = app_pyproject(scn.model_dump_json(), name=name, runs=str(args.runs.resolve()))
+    args.dir.mkdir(parents=True, exist_ok=True)
+    tmp = args.dir / ".pyproject.toml.partial"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(args.dir / "pyproject.toml")
+    print(
+        f"{args.dir}/pyproject.toml: Flower app of scenario '{scn.run.name}' "
+        f"({scn.num_clients} clients; run folders in {args.runs.resolve()}); start it with "
+        f"`flwr run {args.dir} CONNECTION` (a SuperLink connection of Flower's config)"
+    )
     return 0
 
 
@@ -407,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             "credentials": _cmd_credentials,
             "node": _cmd_node,
             "export": _cmd_export,
+            "app": _cmd_app,
         }
         return commands[args.command](args)
     except KeyboardInterrupt as exc:

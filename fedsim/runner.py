@@ -200,20 +200,56 @@ def _target(records: list[dict[str, Any]], target: float | None) -> dict[str, An
     }
 
 
+def _check_grid(scn: Scenario, grid: Any) -> None:
+    """A scenario for Flower's own SuperLink runs on the grid ``flwr run`` gives, and
+    only such a scenario takes one."""
+    flower_link = scn.simulation.engine == "deployment" and scn.deployment.superlink == "flower"
+    if flower_link and grid is None:
+        raise ScenarioError(
+            [
+                (
+                    "deployment.superlink",
+                    "'flower': Flower's own `flwr run` starts this run on your SuperLink "
+                    "(`fedsim app SCENARIO DIR` writes its app directory); `fedsim run` "
+                    "starts its own SuperLink with superlink = 'fedsim'",
+                )
+            ]
+        )
+    if grid is not None and not flower_link:
+        raise ScenarioError(
+            [
+                (
+                    "deployment.superlink",
+                    "a run started by Flower's `flwr run` needs simulation.engine = "
+                    "'deployment' and deployment.superlink = 'flower' (`fedsim app` sets both)",
+                )
+            ]
+        )
+
+
 def execute(
-    scn: Scenario, *, out: Path | None = None, progress: Progress | None = None
+    scn: Scenario,
+    *,
+    out: Path | None = None,
+    progress: Progress | None = None,
+    grid: Any = None,
+    run_id: int = 0,
 ) -> RunOutcome:
-    """Run ``scn`` and write its run directory; a failure leaves ``<out>.incomplete``."""
+    """Run ``scn`` and write its run directory; a failure leaves ``<out>.incomplete``.
+
+    ``grid``: the Flower grid of a run that Flower's ``flwr run`` started (fedsim's
+    ServerApp, ``deployment.superlink = "flower"``); only such a scenario takes one."""
     from fedsim.engine.run import Engine  # imports Ray: only when running
 
     t_start = time.perf_counter()
+    _check_grid(scn, grid)
     scn = resolve_paths(scn)
     out = out if out is not None else default_out_dir(scn.run.name)
     check_out_dir(out)
     prep = prepare(scn)
     text = scn.to_toml()  # what the user asked for (a calibrated z is derived from it)
     scn = _calibrate(scn, prep, progress)
-    with Engine(scn) as engine:  # ScenarioError here still leaves nothing on disk
+    with Engine(scn, grid=grid, run_id=run_id) as engine:  # (a ScenarioError here leaves no files)
         run_dir = RunDir(out)
         try:
             run_dir.write_text(SCENARIO_FILE, text)
@@ -252,6 +288,7 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
             scn = load_scenario(path)
         except ScenarioError as exc:
             raise ScenarioError([("--resume", f"{path}: {line}") for line in exc.lines()]) from None
+        _check_grid(scn, None)  # (a run of Flower's SuperLink is not resumed here)
         snap = read_checkpoint(run_dir.tmp, hashlib.sha256(text.encode()).hexdigest())
         prep = prepare(scn)
         scn = _calibrate(scn, prep, progress)

@@ -36,7 +36,8 @@ LAYERS: list[tuple[str, ...]] = [
     # (the ledger reads a whole Scenario; fedsim.deploy is the deployment engine)
     ("fedsim.engine", "fedsim.privacy.ledger", "fedsim.deploy"),
     ("fedsim.results", "fedsim.plots", "fedsim.progress"),
-    ("fedsim.runner", "fedsim.cli", "fedsim.__init__", "fedsim"),
+    # (the ServerApp that Flower's `flwr run` starts is an entry point, as the CLI is)
+    ("fedsim.runner", "fedsim.cli", "fedsim.deploy.serverapp", "fedsim.__init__", "fedsim"),
 ]
 
 

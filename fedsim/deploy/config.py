@@ -23,6 +23,15 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class DeploymentSection(Section):
+    superlink: Literal["fedsim", "flower"] = Field(
+        "fedsim",
+        description="Who starts the SuperLink and the run: 'fedsim' (`fedsim run` starts "
+        "a SuperLink with the settings below and drives the run itself) or 'flower' "
+        "(Flower's own tools: a `flower-superlink` you started, the run submitted with "
+        "`flwr run` of the app directory `fedsim app` writes; the SuperLink's own flags "
+        "then set TLS and node authentication, and the settings below up to node_keys "
+        "are not used).",
+    )
     fleet_address: str = Field(
         "127.0.0.1:9092",
         description="Where the SuperLink's Fleet API (gRPC) listens for SuperNodes, "
@@ -85,6 +94,8 @@ class DeploymentSection(Section):
 def check_deployment(d: DeploymentSection) -> list[tuple[str, str]]:
     """Problems of a ``[deployment]`` table that a run would meet (files included)."""
     problems: list[tuple[str, str]] = []
+    if d.superlink == "flower":  # (Flower's SuperLink: its own flags say all that)
+        return problems
     try:
         host, _ = split_address(d.fleet_address)
         if host not in ("localhost", "0.0.0.0", "::"):

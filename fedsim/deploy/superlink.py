@@ -39,12 +39,21 @@ if TYPE_CHECKING:
     from fedsim.deploy.config import DeploymentSection
     from fedsim.scenario import Scenario
 
-__all__ = ["CLIENT_APP", "SCENARIO_KEY", "DeployedRun", "SuperLink", "start_superlink"]
+__all__ = [
+    "CLIENT_APP",
+    "RUNS_KEY",
+    "SCENARIO_KEY",
+    "DeployedRun",
+    "SuperLink",
+    "app_pyproject",
+    "start_superlink",
+]
 
 log = logging.getLogger("fedsim.deploy")
 
 CLIENT_APP = "clients.deployed:app"
 SERVER_APP = "fedsim.deploy.serverapp:app"
+RUNS_KEY = "fedsim-runs"  # (run config of a run Flower starts: where run folders go)
 STARTUP_S = 60.0
 
 # What the SuperLink logs when it turns a node away, and what fedsim says about it.
@@ -197,24 +206,33 @@ class SuperLink:
             self.cleanup()  # (a failed run keeps the SuperLink's log)
 
 
-def fab_bytes(scenario_json: str) -> bytes:
-    """The run's Flower App Bundle: a ``pyproject.toml`` naming fedsim's apps, with the
-    scenario (JSON, written as a TOML basic string) as run config."""
-    from flwr.cli.build import build_fab_from_files
-
-    pyproject = (
+def app_pyproject(scenario_json: str, *, name: str = "fedsim-run", runs: str | None = None) -> str:
+    """A Flower app's ``pyproject.toml`` naming fedsim's apps, with the scenario (JSON,
+    written as a TOML basic string) as run config, and for a run that Flower starts
+    (``fedsim app``), the folder its run folders go to on the SuperLink's machine."""
+    config = f"{json.dumps(SCENARIO_KEY)} = {json.dumps(scenario_json, ensure_ascii=True)}\n"
+    if runs is not None:
+        config += f"{json.dumps(RUNS_KEY)} = {json.dumps(runs, ensure_ascii=True)}\n"
+    return (
         "[project]\n"
-        'name = "fedsim-run"\n'
+        f"name = {json.dumps(name)}\n"
         'version = "1.0.0"\n'
+        'description = "A fedsim scenario as a Flower app (fedsim is installed where it runs)"\n'
+        'license = "Apache-2.0"\n'
         "[tool.flwr.app]\n"
         'publisher = "fedsim"\n'
         "[tool.flwr.app.components]\n"
         f'serverapp = "{SERVER_APP}"\n'
         f'clientapp = "{CLIENT_APP}"\n'
-        "[tool.flwr.app.config]\n"
-        f"{json.dumps(SCENARIO_KEY)} = {json.dumps(scenario_json, ensure_ascii=True)}\n"
+        "[tool.flwr.app.config]\n" + config
     )
-    fab, _ = build_fab_from_files({"pyproject.toml": pyproject.encode()})
+
+
+def fab_bytes(scenario_json: str) -> bytes:
+    """The run's Flower App Bundle: only its ``pyproject.toml`` (``app_pyproject``)."""
+    from flwr.cli.build import build_fab_from_files
+
+    fab, _ = build_fab_from_files({"pyproject.toml": app_pyproject(scenario_json).encode()})
     return fab
 
 

@@ -79,8 +79,13 @@ class Engine:
     the Ray instance it started.
     """
 
-    def __init__(self, scn: Scenario) -> None:
+    def __init__(self, scn: Scenario, *, grid: Any = None, run_id: int = 0) -> None:
+        """``grid``: a Flower grid the run is given (fedsim's ServerApp under Flower's
+        own ``flwr run``, with ``deployment.superlink = "flower"``): no SuperLink is
+        started, the coordinator drives that grid."""
         self.scn = scn
+        self._grid = grid
+        self._run_id = run_id
         self._started = False
         self.timings: dict[str, Any] = {}
         self.fit = 0
@@ -89,7 +94,8 @@ class Engine:
     def __enter__(self) -> Engine:
         sim = self.scn.simulation
         if sim.engine == "deployment":
-            self._superlink = start_superlink(self.scn, self.timings)
+            if self._grid is None:
+                self._superlink = start_superlink(self.scn, self.timings)
             return self
         self._started, self.timings["ray_start_s"] = start_ray(address=sim.ray_address)
         try:
@@ -184,8 +190,6 @@ class Engine:
     def _run_deployment(self, fed: Federation, on_round: RoundHook | None) -> EngineResult:
         """The coordinator over a real SuperLink (started on entering): Flower's own
         HTTP grid to its Runtime API, the clients on the SuperNodes that joined."""
-        link = self._superlink
-        assert link is not None
         outcome = ServerOutcome()
         app = build_server_app(
             self.scn,
@@ -199,6 +203,19 @@ class Engine:
             on_checkpoint=self._on_checkpoint,
             resume=self._resume,
         )
+        if self._grid is not None:  # Flower's run: its grid, its SuperLink
+            context = Context(
+                run_id=self._run_id,
+                node_id=SUPERLINK_NODE_ID,
+                node_config={},
+                state=RecordDict(),
+                run_config={},
+            )
+            with quiet_flower():
+                app(self._grid, context)
+            return self._finish(outcome)
+        link = self._superlink
+        assert link is not None
         with (
             DeployedRun(
                 link.http_address,
