@@ -46,6 +46,8 @@ _REFUSALS = (
 
 REJOIN_STEP_S = 5.0
 STALE_ID = "Invalid node ID"
+GAVE_UP = "Giving up reconnection"
+GAVE_UP_GRACE_S = 5.0  # a SuperNode that gave up and is still there after this is stuck
 MIN_UP_S = 5.0  # a SuperNode that ran longer and ended by itself lost its SuperLink
 
 
@@ -147,6 +149,13 @@ def _run_once(
             sys.stdout.write(line)
             sys.stdout.flush()
             refused.extend(why for needle, why in _REFUSALS if needle in line)
+            if GAVE_UP in line and not stale:
+                # Flower's SuperNode gave up on its SuperLink and should exit now; seen
+                # here: it sometimes stays, stuck, and never dials the next SuperLink.
+                stale.append(line)
+                timer = threading.Timer(GAVE_UP_GRACE_S, _kill_if_alive, args=(proc,))
+                timer.daemon = True
+                timer.start()
             if STALE_ID in line and not stale:
                 # A new SuperLink (the next run's) does not know the node id this
                 # SuperNode got from the last one, and Flower's SuperNode retries with
@@ -176,6 +185,15 @@ def _run_once(
         reader.join(timeout=5)
         executor.join(timeout=5)
     return code, refused, bool(stale)
+
+
+def _kill_if_alive(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        print(
+            "fedsim node: the SuperNode gave up on its SuperLink but did not exit; stopping it",
+            file=sys.stderr,
+        )
+        proc.kill()
 
 
 def run_node(o: NodeOptions) -> int:
