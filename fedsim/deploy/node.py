@@ -48,6 +48,8 @@ REJOIN_STEP_S = 5.0
 STALE_ID = "Invalid node ID"
 GAVE_UP = "Giving up reconnection"
 GAVE_UP_GRACE_S = 5.0  # a SuperNode that gave up and is still there after this is stuck
+LINK_CLOSED = "StatusCode.CANCELLED"  # (its stream to a SuperLink that stopped)
+SILENT_S = 30.0  # a SuperNode silent this long after LINK_CLOSED is stuck
 MIN_UP_S = 5.0  # a SuperNode that ran longer and ended by itself lost its SuperLink
 
 
@@ -143,11 +145,17 @@ def _run_once(
     refused: list[str] = []
     stale: list[str] = []
 
+    closed_at: list[float] = []  # when the SuperLink closed its stream, until more output
+
     def relay() -> None:  # the SuperNode's output, watched for a refusal
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
+            if LINK_CLOSED in line:
+                closed_at[:] = [time.monotonic()]
+            elif "INFO" in line or "WARNING" in line:  # (it goes on: retries, or works)
+                closed_at.clear()
             refused.extend(why for needle, why in _REFUSALS if needle in line)
             if GAVE_UP in line and not stale:
                 # Flower's SuperNode gave up on its SuperLink and should exit now; seen
@@ -175,7 +183,16 @@ def _run_once(
     if stopping.is_set():  # (a signal came while it started)
         proc.send_signal(signal.SIGTERM)
     try:
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                # Seen with 32 nodes outliving runs: after its SuperLink stopped (a
+                # cancelled stream), Flower's SuperNode neither retried nor exited.
+                if closed_at and time.monotonic() - closed_at[0] > SILENT_S and not stale:
+                    stale.append("silent after its SuperLink closed")
+                    _kill_if_alive(proc)
     finally:
         current.clear()
         stop.set()
@@ -190,7 +207,8 @@ def _run_once(
 def _kill_if_alive(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         print(
-            "fedsim node: the SuperNode gave up on its SuperLink but did not exit; stopping it",
+            "fedsim node: the SuperNode lost its SuperLink and neither retries nor exits; "
+            "starting a fresh one",
             file=sys.stderr,
         )
         proc.kill()
