@@ -400,8 +400,8 @@ def cross_check(scn: Scenario) -> list[tuple[str, str]]:
                 )
         if scn.simulation.ray_address is not None:
             problems.append(("simulation.ray_address", "not used by engine 'deployment'"))
-    elif scn.deployment != DeploymentSection():
-        problems.append(("deployment", "used only with simulation.engine = 'deployment'"))
+    # (With another engine a [deployment] table is ignored: the file that is deployed
+    # can be simulated unchanged, `--set simulation.engine=fedsim`.)
     problems += check_privacy(
         scn.privacy,
         num_clients=n,

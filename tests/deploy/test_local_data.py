@@ -218,3 +218,21 @@ def test_local_data_settings_name_their_key(sets, key, words):
     with pytest.raises(ScenarioError) as e:
         load_scenario(None, ["simulation.engine=deployment", "deployment.insecure=true", *sets])
     assert any(p == key and words in m for p, m in e.value.problems), e.value.problems
+
+
+def test_a_deployed_scenario_file_simulates_unchanged(tmp_path):
+    # The README's coordinator file ([deployment] table, engine deployment) simulated
+    # with `--set simulation.engine=fedsim`: the table is ignored, not refused.
+    creds = tmp_path / "lab"
+    assert (
+        subprocess.run([sys.executable, "-m", "fedsim.cli", "credentials", str(creds)]).returncode
+        == 0
+    )
+    path = tmp_path / "scenario.toml"
+    path.write_text(
+        '[data]\nnum_clients = 3\n[simulation]\nengine = "deployment"\n'
+        f'[deployment]\nfleet_address = "0.0.0.0:9092"\ncredentials = "{creds}"\n'
+    )
+    assert load_scenario(path).simulation.engine == "deployment"
+    scn = load_scenario(path, ["simulation.engine=fedsim"])
+    assert scn.simulation.engine == "fedsim" and scn.deployment.fleet_address == "0.0.0.0:9092"
