@@ -106,10 +106,11 @@ def test_bad_deployment_settings_name_their_key(sets, key, words, tmp_path, monk
     assert any(p == key and words in m for p, m in e.value.problems), e.value.problems
 
 
-def test_deployment_keys_need_the_deployment_engine():
-    with pytest.raises(ScenarioError) as e:
-        load_scenario(None, ["deployment.insecure=true"])
-    assert [p for p, _ in e.value.problems] == ["deployment"]
+def test_deployment_keys_are_ignored_by_the_other_engines():
+    # (so the file that is deployed can be simulated unchanged; its [deployment]
+    # settings are only checked with the deployment engine)
+    scn = load_scenario(None, ["deployment.insecure=true", "deployment.fleet_address=bad"])
+    assert scn.simulation.engine == "fedsim" and scn.deployment.insecure
 
 
 def test_a_node_with_no_ca_or_a_missing_key_exits_2(tmp_path):

@@ -34,7 +34,9 @@ from fedsim.scenario import default_scenario_path, load_scenario
 from .conftest import Hosts, fedsim
 
 NODES = 3
-ROUNDS_B = 12  # rounds after the host's death outlast its ~60 s heartbeat lapse
+# Rounds after the host's death must outlast its ~60 s heartbeat lapse and its rejoin:
+# the first few wait out round_timeout_s (10 s a phase), the rest take 1-3 s each.
+ROUNDS_B = 30
 ROUNDS_E, CUT_S = 6, 8.0  # (the cut outlasts a round's 6 s timeout, not the node's 15 s wait)
 BASE = ["data.num_clients=3", "run.seed=7"]
 
