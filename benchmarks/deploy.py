@@ -34,9 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.run import _rss_kb, _tree
 from benchmarks.workloads import BENCH_TINY
-
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _fedsim(*args: str) -> list[str]:
@@ -53,25 +52,8 @@ def _round_times(run: Path) -> list[float]:
 
 
 def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        for p in [pid, *_descendants(pid)]:
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE_KB
-    return total / 1024
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            child = int(stat.parent.name)
-            out += [child, *_descendants(child)]
-    return out
+    """Summed RSS of the process trees under ``pids``."""
+    return sum(_rss_kb(p) for pid in pids for p in _tree(pid)) / 1024
 
 
 def _free_port() -> int:

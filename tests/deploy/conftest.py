@@ -220,3 +220,8 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def fedsim(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedsim.cli", *args]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``fedsim ARGS`` in ``cwd``, its output captured as text."""
+    return subprocess.run(fedsim(*args), capture_output=True, text=True, cwd=cwd, timeout=120)

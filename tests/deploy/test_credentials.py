@@ -18,6 +18,8 @@ from fedsim.deploy.superlink import SCENARIO_KEY, fab_bytes
 from fedsim.errors import ScenarioError
 from fedsim.scenario import load_scenario
 
+from .conftest import cli
+
 
 def test_the_lab_credentials_chain_and_keys(tmp_path):
     creds = make_credentials(tmp_path / "c", hosts=["10.1.2.3", "coord.lab"], nodes=2)
@@ -62,18 +64,8 @@ def test_a_public_key_that_flower_would_not_take_is_named(tmp_path):
         node_public_keys(tmp_path)
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
 def test_the_credentials_command(tmp_path):
-    r = _cli("credentials", "lab", "--host", "10.0.0.5", "--nodes", "2", cwd=tmp_path)
+    r = cli("credentials", "lab", "--host", "10.0.0.5", "--nodes", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "lab" / "nodes").iterdir()) == [
         "node-0",
@@ -81,7 +73,7 @@ def test_the_credentials_command(tmp_path):
         "node-1",
         "node-1.pub",
     ]
-    r = _cli("credentials", "lab", cwd=tmp_path)
+    r = cli("credentials", "lab", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "fedsim credentials: lab already exists (credentials are never overwritten)"
@@ -114,12 +106,12 @@ def test_deployment_keys_are_ignored_by_the_other_engines():
 
 
 def test_a_node_with_no_ca_or_a_missing_key_exits_2(tmp_path):
-    r = _cli("node", "--superlink", "127.0.0.1:9092", "--partition-id", "0", cwd=tmp_path)
+    r = cli("node", "--superlink", "127.0.0.1:9092", "--partition-id", "0", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "fedsim node: --root-certificates CA.pem is required (or --insecure, for a test)"
     )
-    r = _cli(
+    r = cli(
         "node",
         "--superlink",
         "127.0.0.1",

@@ -4,9 +4,6 @@ test_deployment.py."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -18,15 +15,7 @@ from fedsim.deploy.node import NodeOptions, node_argv
 from fedsim.errors import ScenarioError
 from fedsim.scenario import load_scenario
 
-
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+from .conftest import cli
 
 
 def _folder(tmp_path, name="d", **arrays):
@@ -113,7 +102,7 @@ def test_export_writes_whole_folders_and_never_overwrites(tmp_path):
 
 def test_the_export_command_writes_a_scenarios_partitions(tmp_path):
     sets = ["--set", "data.num_clients=4"]
-    r = _cli("export", "scenarios/quickstart.toml", str(tmp_path / "x"), *sets,
+    r = cli("export", "scenarios/quickstart.toml", str(tmp_path / "x"), *sets,
              "--partition-id", "1", "--partition-id", "3", cwd=_repo())  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["client-1", "client-3"]
@@ -123,9 +112,9 @@ def test_the_export_command_writes_a_scenarios_partitions(tmp_path):
     np.testing.assert_array_equal(got.x, fed.train_data(3)[0])
     np.testing.assert_array_equal(got.y_test, fed.test_data(3)[1])
     # never over an existing folder; a client the scenario does not have
-    r = _cli("export", "scenarios/quickstart.toml", str(tmp_path / "x"), cwd=_repo())
+    r = cli("export", "scenarios/quickstart.toml", str(tmp_path / "x"), cwd=_repo())
     assert r.returncode == 2 and r.stderr.strip().endswith("exists already (nothing was written)")
-    r = _cli("export", "scenarios/quickstart.toml", str(tmp_path / "y"), *sets,
+    r = cli("export", "scenarios/quickstart.toml", str(tmp_path / "y"), *sets,
              "--partition-id", "4", cwd=_repo())  # fmt: skip
     assert r.returncode == 2 and "clients 0..3" in r.stderr and not (tmp_path / "y").exists()
 
@@ -138,7 +127,7 @@ def _repo():
 
 def test_a_node_with_a_bad_data_folder_exits_2_with_one_line(tmp_path):
     _folder(tmp_path, "bad", train={"x": np.zeros((2, 2)), "y": np.zeros(2)})
-    r = _cli("node", "--superlink", "127.0.0.1:9092", "--partition-id", "0", "--insecure",
+    r = cli("node", "--superlink", "127.0.0.1:9092", "--partition-id", "0", "--insecure",
              "--data", "bad", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -224,10 +213,7 @@ def test_a_deployed_scenario_file_simulates_unchanged(tmp_path):
     # The README's coordinator file ([deployment] table, engine deployment) simulated
     # with `--set simulation.engine=fedsim`: the table is ignored, not refused.
     creds = tmp_path / "lab"
-    assert (
-        subprocess.run([sys.executable, "-m", "fedsim.cli", "credentials", str(creds)]).returncode
-        == 0
-    )
+    assert cli("credentials", str(creds), cwd=tmp_path).returncode == 0
     path = tmp_path / "scenario.toml"
     path.write_text(
         '[data]\nnum_clients = 3\n[simulation]\nengine = "deployment"\n'
