@@ -102,13 +102,14 @@ def _classic_dpsgd(model, x, y, *, steps, batch_size, lr, clip_norm, z, generato
     gsm._close()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_ghost_clipping_gives_opacus_classic_per_example_result(kind):
-    # train_dpsgd clips with ghost norms (and per-example gradients for layers ghost
-    # clipping lacks: the conv); Opacus's classic path materialises every example's
-    # gradient. Same batches, same noise: the same weights to float rounding.
+    # train_dpsgd clips with ghost norms: in one backward pass for all-linear models
+    # (mlp, and seq: a linear layer over a sequence), in Opacus's two passes otherwise
+    # (cnn: per-example gradients for the conv); Opacus's classic path materialises every
+    # example's gradient. Same batches, same noise: the same weights to float rounding.
     rng = np.random.default_rng(0)
-    shape = (1, 8, 8) if kind == "cnn" else (16,)
+    shape = {"cnn": (1, 8, 8), "seq": (4, 4)}.get(kind, (16,))
     x = rng.standard_normal((40, *shape)).astype(np.float32) * 3
     y = rng.integers(0, 3, 40).astype(np.int64)
 
@@ -116,6 +117,8 @@ def test_ghost_clipping_gives_opacus_classic_per_example_result(kind):
         torch.manual_seed(0)
         if kind == "cnn":
             return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+        if kind == "seq":  # a linear layer over each of 4 positions
+            return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
 
     kw = dict(batch_size=8, lr=0.5, clip_norm=0.3)
