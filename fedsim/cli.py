@@ -236,6 +236,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
     import re
 
     from fedsim.deploy.superlink import app_pyproject
+    from fedsim.engine.server import reply_limit
     from fedsim.runner import _calibrate, prepare, resolve_paths
     from fedsim.scenario import load_scenario
 
@@ -258,10 +259,12 @@ def _cmd_app(args: argparse.Namespace) -> int:
         scn = resolve_paths(load_scenario(args.scenario, [*args.overrides, *flower]))
         # The nodes read the scenario from the run config: a noise multiplier calibrated
         # to privacy.target_epsilon must be in it already.
-        scn = _calibrate(scn, prepare(scn), None)
+        prep = prepare(scn)
+        scn = _calibrate(scn, prep, None)
     except ScenarioError as exc:
         _print_problems(args.scenario, exc)
         return EXIT_BAD_INPUT
+    limit = reply_limit(scn, prep.federation)
     text = app_pyproject(scn.model_dump_json(), name=name, runs=str(args.runs.resolve()))
     args.dir.mkdir(parents=True, exist_ok=True)
     tmp = args.dir / ".pyproject.toml.partial"
@@ -270,7 +273,10 @@ def _cmd_app(args: argparse.Namespace) -> int:
     print(
         f"{args.dir}/pyproject.toml: Flower app of scenario '{scn.run.name}' "
         f"({scn.num_clients} clients; run folders in {args.runs.resolve()}); start it with "
-        f"`flwr run {args.dir} CONNECTION` (a SuperLink connection of Flower's config)"
+        f"`flwr run {args.dir} CONNECTION` (a SuperLink connection of Flower's config); "
+        f"for a SuperLink that refuses replies over this scenario's limit, start it as "
+        f"`python -m fedsim.deploy.fleet --max-message-bytes {limit}` followed by "
+        "flower-superlink's flags"
     )
     return 0
 

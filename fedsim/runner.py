@@ -249,7 +249,9 @@ def execute(
     prep = prepare(scn)
     text = scn.to_toml()  # what the user asked for (a calibrated z is derived from it)
     scn = _calibrate(scn, prep, progress)
-    with Engine(scn, grid=grid, run_id=run_id) as engine:  # (a ScenarioError here leaves no files)
+    with Engine(
+        scn, grid=grid, run_id=run_id, fed=prep.federation
+    ) as engine:  # (a ScenarioError here leaves no files)
         run_dir = RunDir(out)
         try:
             run_dir.write_text(SCENARIO_FILE, text)
@@ -301,7 +303,7 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
                 f"fedsim: resuming {run_dir.tmp} after round {done} of {scn.run.rounds}"
                 + ("" if snap else " (no checkpoint: from the start)")
             )
-        engine = Engine(scn).__enter__()
+        engine = Engine(scn, fed=prep.federation).__enter__()
     except BaseException:
         run_dir.release()
         raise

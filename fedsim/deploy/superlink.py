@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from clients.deployed import SCENARIO_KEY
 from fedsim.deploy.credentials import Credentials, node_public_keys
-from fedsim.deploy.processes import FlowerProcess, flower_program, free_port
+from fedsim.deploy.processes import FlowerProcess, free_port
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -92,11 +92,14 @@ def _http_client(api: str, address: str, *, insecure: bool, root_certificates: b
 class SuperLink:
     """``flower-superlink`` started for one run (a context manager).
 
-    ``cfg`` is the scenario's ``[deployment]`` table; ``log_dir`` gets ``superlink.log``.
+    ``cfg`` is the scenario's ``[deployment]`` table; ``log_dir`` gets ``superlink.log``;
+    a node's reply over ``max_message_bytes`` is refused as it arrives
+    (``fedsim.deploy.fleet``).
     """
 
-    def __init__(self, cfg: DeploymentSection, log_dir: Path) -> None:
+    def __init__(self, cfg: DeploymentSection, log_dir: Path, max_message_bytes: int) -> None:
         self.cfg = cfg
+        self.max_message_bytes = max_message_bytes
         self.log_dir = Path(log_dir)
         self.http_address = f"127.0.0.1:{cfg.http_port or free_port()}"
         self.creds = None if cfg.insecure else Credentials(Path(cfg.credentials))
@@ -117,7 +120,11 @@ class SuperLink:
         cfg = self.cfg
         host, port = self.http_address.rsplit(":", 1)
         argv = [
-            flower_program("flower-superlink"),
+            sys.executable,
+            "-m",
+            "fedsim.deploy.fleet",  # flower-superlink, its Fleet API bounded
+            "--max-message-bytes",
+            str(self.max_message_bytes),
             "--isolation",
             "process",  # fedsim's coordinator claims the ServerApp task itself
             "--fleet-api-address",
@@ -334,9 +341,10 @@ class DeployedRun:
             self._stack.close()
 
 
-def start_superlink(scn: Scenario, timings: dict[str, Any]) -> SuperLink:
-    """Start the scenario's SuperLink (entered; the caller exits it). Its log goes to a
-    temporary folder (named in any error), kept only if it fails to start."""
+def start_superlink(scn: Scenario, timings: dict[str, Any], max_message_bytes: int) -> SuperLink:
+    """Start the scenario's SuperLink (entered; the caller exits it), refusing node
+    replies over ``max_message_bytes``. Its log goes to a temporary folder (named in
+    any error), kept only if it fails to start."""
     import shutil
     import tempfile
     import warnings
@@ -350,7 +358,7 @@ def start_superlink(scn: Scenario, timings: dict[str, Any]) -> SuperLink:
         )
     logs = Path(tempfile.mkdtemp(prefix="fedsim-superlink-"))
     t0 = time.perf_counter()
-    link = SuperLink(cfg, logs)
+    link = SuperLink(cfg, logs, max_message_bytes)
     link.__enter__()  # (on failure the error names the log, which stays)
     timings["superlink_start_s"] = time.perf_counter() - t0
     link.cleanup = lambda: shutil.rmtree(logs, ignore_errors=True)

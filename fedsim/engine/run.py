@@ -79,10 +79,14 @@ class Engine:
     the Ray instance it started.
     """
 
-    def __init__(self, scn: Scenario, *, grid: Any = None, run_id: int = 0) -> None:
+    def __init__(
+        self, scn: Scenario, *, grid: Any = None, run_id: int = 0, fed: Federation | None = None
+    ) -> None:
         """``grid``: a Flower grid the run is given (fedsim's ServerApp under Flower's
         own ``flwr run``, with ``deployment.superlink = "flower"``): no SuperLink is
-        started, the coordinator drives that grid."""
+        started, the coordinator drives that grid. ``fed``: the run's federation, which
+        a deployment needs on entering (its SuperLink refuses replies over the
+        federation's reply limit)."""
         self.scn = scn
         self._grid = grid
         self._run_id = run_id
@@ -90,12 +94,16 @@ class Engine:
         self.timings: dict[str, Any] = {}
         self.fit = 0
         self._superlink: SuperLink | None = None
+        self._fed = fed  # (its reply limit bounds what the SuperLink takes from a node)
 
     def __enter__(self) -> Engine:
         sim = self.scn.simulation
         if sim.engine == "deployment":
             if self._grid is None:
-                self._superlink = start_superlink(self.scn, self.timings)
+                if self._fed is None:
+                    raise ValueError("a deployment's Engine needs the federation (fed=)")
+                limit = reply_limit(self.scn, self._fed)
+                self._superlink = start_superlink(self.scn, self.timings, limit)
             return self
         self._started, self.timings["ray_start_s"] = start_ray(address=sim.ray_address)
         try:

@@ -4,7 +4,7 @@ joined by veth links where the machine allows, else loopback: the run's header s
 which), TLS and SuperNode authentication on.
 
 Checked: the deployment's model equals the simulation's (same seed, same partitions);
-a reply over ``coordinator.max_reply_bytes`` is refused while it arrives;
+a reply over ``coordinator.max_reply_bytes`` is refused by the SuperLink as it arrives;
 a node with an unregistered key, and one that does not trust the SuperLink's
 certificate, are refused with one line on each side while the run goes on; a client
 host killed mid-run fails only its own replies (dropped, the round completes with the
@@ -209,10 +209,10 @@ def deployed(tmp_path_factory, _ray_session):
             fedsim("run", *_sets([*BASE, "run.rounds=500", *local]), "--out", str(work / "f")),
         )
         started("f")
-        out["superlink_before"] = hosts.running("flower-superlink")
+        out["superlink_before"] = hosts.running("fedsim.deploy.fleet")
         os.killpg(run_f.pid, signal.SIGINT)
         out["f_rc"] = run_f.wait(timeout=60)
-        out["superlink_after"] = hosts.running("flower-superlink")
+        out["superlink_after"] = hosts.running("fedsim.deploy.fleet")
         out["f_log"] = hosts.log("f-run")
         out["f_incomplete"] = (work / "f.incomplete").is_dir() and not (work / "f").exists()
         out["node0_before"] = hosts.running("client-0")
@@ -276,9 +276,10 @@ def test_a_killed_node_drops_only_its_own_replies_and_comes_back(deployed):
 
 
 def test_a_reply_over_the_limit_is_refused_as_it_arrives(deployed):
+    # (by the SuperLink, as the node pushes it: the coordinator never pulls it)
     assert deployed["c_rc"] == 0, deployed["c_log"][-2000:]
     statuses = {r["status"] for r in _rows(deployed["c"])}
-    assert statuses == {"rejected:reply exceeds the limit of 1024 bytes (refused while it arrived)"}
+    assert statuses == {"rejected:reply exceeds the limit of 1024 bytes (refused at the SuperLink)"}
     (m,) = [json.loads(x) for x in (deployed["c"] / "metrics.jsonl").read_text().splitlines()]
     assert m["clients_rejected"] == NODES and m["round_skipped"] is True
 

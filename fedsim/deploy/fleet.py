@@ -1,0 +1,184 @@
+"""Flower's own SuperLink (``flower-superlink``), refusing node messages over a limit.
+
+``python -m fedsim.deploy.fleet --max-message-bytes N [flower-superlink arguments]``
+
+Flower 1.39's SuperLink takes whatever a SuperNode pushes: a reply arrives as a message
+and then its objects (records, arrays in chunks of at most 5 MB) one ``PushObject`` call
+at a time, and the Fleet API accepts gRPC messages of up to 2 GB. A node could fill the
+SuperLink's memory long before the coordinator, which bounds what it pulls
+(``fedsim.deploy.grid``), sees the reply. This runs the same SuperLink (same program,
+same protocol, same TLS and node authentication) with two bounds on the Fleet API:
+
+- one gRPC message may hold at most ``N`` bytes plus a chunk's worth (5 MB) plus 64
+  KiB: a larger one is refused by gRPC from its length prefix, before it is read
+  (``RESOURCE_EXHAUSTED``);
+- a reply's pushed objects may add up to at most ``N`` bytes: the object that passes
+  the limit is refused (``RESOURCE_EXHAUSTED``, which the SuperNode logs as "Failed to
+  send message"), what the reply had stored is dropped, and an error reply takes its
+  place, so the coordinator records the client ``rejected:reply exceeds the limit of N
+  bytes (refused at the SuperLink)`` at once instead of waiting out the round.
+
+The bounds are put in place by replacing two names in
+``flwr.superlink.cli.flower_superlink``: its ``GRPC_MAX_MESSAGE_LENGTH`` (used only for
+the Fleet API's servers) and its ``FleetServicer`` (by a subclass that counts). A Flower
+without them is refused here rather than run unbounded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CHUNK_BYTES", "main", "patch"]
+
+CHUNK_BYTES = 5 * 1024 * 1024  # Flower's largest array chunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
+FRAMING_BYTES = 64 * 1024  # a request's own fields around the bytes it carries
+REFUSED_AT_SUPERLINK = "refused at the SuperLink"
+
+
+@dataclass
+class _Push:
+    """A reply being pushed: its message (to answer with an error in its place), the
+    objects still to come and the bytes they brought so far."""
+
+    message: Any
+    pending: int
+    held: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def grpc_limit(max_message_bytes: int) -> int:
+    """The largest gRPC message the Fleet API reads."""
+    return max_message_bytes + CHUNK_BYTES + FRAMING_BYTES
+
+
+def bounded_servicer(base: type, max_message_bytes: int) -> type:
+    """``base`` (Flower's ``FleetServicer``) refusing replies over ``max_message_bytes``."""
+    import grpc
+    from flwr.app import Error, Metadata
+    from flwr.app.message import make_message
+    from flwr.common.serde import message_from_proto
+    from flwr.supercore.constant import OBJECT_PUSH_SESSION_TTL_SECONDS
+    from flwr.supercore.date import now
+
+    from fedsim.engine.screening import REJECTED, REJECTED_PREFIX
+
+    reason = (
+        f"{REJECTED_PREFIX}reply exceeds the limit of {max_message_bytes} bytes "
+        f"({REFUSED_AT_SUPERLINK})"
+    )
+
+    class BoundedFleetServicer(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._pushes: dict[str, _Push] = {}
+            self._lock = threading.Lock()
+
+        def PushMessages(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
+            res = super().PushMessages(request, context)
+            if request.messages_list and res.session_id and res.objects_to_push:
+                msg = message_from_proto(request.messages_list[0])
+                with self._lock:
+                    # (a push its node never finished is forgotten with Flower's session)
+                    old = time.monotonic() - 2 * OBJECT_PUSH_SESSION_TTL_SECONDS
+                    for sid in [s for s, p in self._pushes.items() if p.started < old]:
+                        del self._pushes[sid]
+                    self._pushes[res.session_id] = _Push(msg, len(res.objects_to_push))
+            return res
+
+        def PushObject(self, request: Any, context: Any) -> Any:  # noqa: N802
+            with self._lock:
+                push = self._pushes.get(request.session_id)
+                if push is not None:
+                    push.held += len(request.object_content)
+                    if push.held > max_message_bytes:
+                        del self._pushes[request.session_id]
+                    else:
+                        push.pending -= 1
+                        if push.pending <= 0:
+                            del self._pushes[request.session_id]
+            if push is None and not request.session_id:
+                # (Flower 1.39 nodes name their push session; one that does not could
+                # push objects that nothing here counts)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push without a session")
+            if push is not None and push.held > max_message_bytes:
+                self._refuse(request.session_id, push.message)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+            return super().PushObject(request, context)
+
+        def _refuse(self, session_id: str, msg: Any) -> None:
+            """Drop what the reply stored and store an error reply in its place."""
+            state = self.state_factory.state()
+            state._cleanup_push_session(session_id, cleanup_messages=True)
+            meta = msg.metadata
+            created = now().timestamp()
+            error = make_message(
+                metadata=Metadata(
+                    run_id=meta.run_id,
+                    message_id="",
+                    src_node_id=meta.src_node_id,
+                    dst_node_id=meta.dst_node_id,
+                    reply_to_message_id=meta.reply_to_message_id,
+                    group_id=meta.group_id,
+                    message_type=meta.message_type,
+                    created_at=created,
+                    ttl=max(meta.ttl - (created - meta.created_at), 1.0),
+                    src_task_id=meta.src_task_id,
+                    dst_task_id=meta.dst_task_id,
+                ),
+                error=Error(code=REJECTED, reason=reason),
+            )
+            error.metadata.__dict__["_message_id"] = error.object_id
+            if state.store_message_res(error) is not None:
+                state._store_generated_message(error)
+
+    BoundedFleetServicer.__qualname__ = BoundedFleetServicer.__name__ = "BoundedFleetServicer"
+    return BoundedFleetServicer
+
+
+def patch(max_message_bytes: int) -> bool:
+    """Bound the Fleet API of ``flower_superlink`` to ``max_message_bytes`` a reply;
+    False if this Flower's SuperLink is not built the way this expects (then nothing is
+    changed)."""
+    from flwr.server.superlink.fleet.grpc_rere.fleet_servicer import FleetServicer
+
+    # (the package's attribute of that name is the program's function, not the module)
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    if getattr(fs, "FleetServicer", None) is not FleetServicer or not hasattr(
+        fs, "GRPC_MAX_MESSAGE_LENGTH"
+    ):
+        return False
+    from flwr.server.superlink.linkstate import InMemoryLinkState, SqlLinkState
+
+    needed = ("_cleanup_push_session", "_store_generated_message", "store_message_res")
+    if not all(hasattr(c, m) for c in (InMemoryLinkState, SqlLinkState) for m in needed):
+        return False
+    fs.GRPC_MAX_MESSAGE_LENGTH = grpc_limit(max_message_bytes)
+    fs.FleetServicer = bounded_servicer(FleetServicer, max_message_bytes)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "--max-message-bytes" or not argv[1].isdigit():
+        print("usage: python -m fedsim.deploy.fleet --max-message-bytes N [flower-superlink args]")
+        return 2
+    if not patch(int(argv[1])):
+        print(
+            "fedsim: this Flower's SuperLink is not built as 1.39's is; its Fleet API "
+            "cannot be bounded here (see fedsim.deploy.fleet)",
+            file=sys.stderr,
+        )
+        return 1
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv = ["flower-superlink", *argv[2:]]
+    return flower_superlink() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
