@@ -25,12 +25,19 @@ def run_pure(workload: str, rounds: int, shard: tuple[int, int] = (0, 1)) -> dic
     example-weighted average of the trained weights, exactly as FedAvg computes it.
     ``shard = (i, n)`` does only the i-th of n contiguous parts of each cohort (for
     ``pure2``: the same work split over parallel processes).
+
+    What is timed is a plain torch loop written here, sharing no code with fedsim's
+    training path (``clients.training``), so that path's costs cannot hide in the
+    ideal: minibatch SGD in a fresh order per epoch (``torch.randperm`` on the
+    client's batch generator, as fedsim draws it) and a no-grad evaluation. fedsim is
+    used only before the clock starts (data, model, initial weights) and for the
+    cohort's client ids.
     """
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from benchmarks.workloads import WORKLOADS
-    from clients.training import evaluate_model, train_local
     from fedsim.data import load_federation
     from fedsim.engine.coordinator import sample_clients
     from fedsim.models import build_model
@@ -44,6 +51,43 @@ def run_pure(workload: str, rounds: int, shard: tuple[int, int] = (0, 1)) -> dic
         scn.model, input_shape=fed.input_shape, num_classes=fed.num_classes, seed=seed
     )
     global_np = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # (shares the arrays, copied only if read-only or of another type)
+        x, y = np.require(x, np.float32, ["C", "W"]), np.require(y, np.int64, ["C", "W"])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def train(xt: torch.Tensor, yt: torch.Tensor, g: torch.Generator) -> None:
+        model.train()
+        opt = torch.optim.SGD(
+            model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+        )
+        n = len(xt)
+        for _ in range(c.epochs):
+            perm = torch.randperm(n, generator=g)
+            for start in range(0, n, c.batch_size):
+                idx = perm[start : start + c.batch_size]
+                loss = F.cross_entropy(model(xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def evaluate(xt: torch.Tensor, yt: torch.Tensor) -> tuple[float, float]:
+        model.eval()
+        loss, correct = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(xt), c.eval_batch_size):
+                xb, yb = (
+                    xt[start : start + c.eval_batch_size],
+                    yt[start : start + c.eval_batch_size],
+                )
+                logits = model(xb)
+                loss += F.cross_entropy(logits, yb, reduction="sum").item()
+                correct += int((logits.argmax(dim=1) == yb).sum())
+        return loss, correct
+
+    if c.mu:
+        raise ValueError(f"{workload}: the pure loop has no FedProx term (client.mu = {c.mu})")
     round_s = []
     for rnd in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -55,24 +99,12 @@ def run_pure(workload: str, rounds: int, shard: tuple[int, int] = (0, 1)) -> dic
         total = 0
         for cid in cids:
             model.load_state_dict(start)
-            x, y = fed.train_data(cid)
-            res = train_local(
-                model,
-                x,
-                y,
-                epochs=c.epochs,
-                batch_size=c.batch_size,
-                lr=c.lr,
-                momentum=c.momentum,
-                weight_decay=c.weight_decay,
-                mu=c.mu,
-                generator=torch_generator(seed, "batch", rnd, cid),
-            )
-            xt, yt = fed.test_data(cid)
-            evaluate_model(model, xt, yt, batch_size=c.eval_batch_size)
+            xt, yt = tensors(*fed.train_data(cid))
+            train(xt, yt, torch_generator(seed, "batch", rnd, cid))
+            evaluate(*tensors(*fed.test_data(cid)))
             for k, v in model.state_dict().items():
-                acc[k] += v.numpy() * np.float32(res.num_examples)
-            total += res.num_examples
+                acc[k] += v.numpy() * np.float32(len(xt))
+            total += len(xt)
         global_np = {k: v / np.float32(total) for k, v in acc.items()}
         round_s.append(time.perf_counter() - t0)
     return {"round_s": round_s, "ray_start_s": 0.0, "workers": 1}
