@@ -380,7 +380,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.progress import Progress
+    from fedsim.progress import Progress, start_line
     from fedsim.results import check_out_dir
     from fedsim.runner import execute
     from fedsim.scenario import default_scenario_path, load_scenario
@@ -400,10 +400,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_problems(source, exc)
         return EXIT_BAD_INPUT
     progress = Progress(scn.run.rounds, quiet=args.quiet)
-    progress.message(
-        f"fedsim: {scn.run.name}: {scn.num_clients} clients, {scn.train_cohort} per round, "
-        f"{scn.run.rounds} rounds, strategy {scn.strategy.name}, engine {scn.simulation.engine}"
-    )
+    progress.message(start_line(scn, f"engine {scn.simulation.engine}"))
     try:
         outcome = execute(scn, out=args.out, progress=progress)
     except ScenarioError as exc:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from fedsim.scenario import Scenario
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:
@@ -15,6 +18,14 @@ def headline(rec: dict[str, Any]) -> tuple[float | None, float | None]:
     if rec.get("eval_accuracy") is not None:
         return rec["eval_accuracy"], rec.get("eval_loss")
     return rec.get("client_eval_accuracy"), rec.get("client_eval_loss")
+
+
+def start_line(scn: Scenario, where: str) -> str:
+    """The line a run starts with: the scenario in brief, then ``where`` it runs."""
+    return (
+        f"fedsim: {scn.run.name}: {scn.num_clients} clients, {scn.train_cohort} per round, "
+        f"{scn.run.rounds} rounds, strategy {scn.strategy.name}, {where}"
+    )
 
 
 def round_line(rec: dict[str, Any], total: int) -> str:

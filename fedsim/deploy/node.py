@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsim.deploy.processes import child_env, free_port
@@ -123,6 +123,36 @@ def problems(o: NodeOptions) -> list[str]:
     return out
 
 
+@dataclass
+class _Watch:
+    """What a SuperNode's output said: refusals, and whether it is stuck. Seen here:
+    after losing its SuperLink, Flower's SuperNode sometimes neither retries nor exits,
+    either after logging that it gives up (it should exit then) or silent after a
+    cancelled stream (32 nodes outliving runs); it never dials the next SuperLink."""
+
+    refused: list[str] = field(default_factory=list)
+    renew: str = ""  # why this SuperNode is being replaced ("": it is not)
+    gave_up_at: float | None = None
+    closed_at: float | None = None  # when its SuperLink closed the stream, until more output
+
+    def see(self, line: str, now: float) -> None:
+        if LINK_CLOSED in line:
+            self.closed_at = now
+        elif "INFO" in line or "WARNING" in line:  # (it goes on: retries, or works)
+            self.closed_at = None
+        if GAVE_UP in line and self.gave_up_at is None:
+            self.gave_up_at = now
+        self.refused.extend(why for needle, why in _REFUSALS if needle in line)
+
+    def stuck(self, now: float) -> str:
+        """Why the SuperNode counts as stuck at ``now`` ("" while it does not)."""
+        if self.gave_up_at is not None and now - self.gave_up_at > GAVE_UP_GRACE_S:
+            return "gave up on its SuperLink and did not exit"
+        if self.closed_at is not None and now - self.closed_at > SILENT_S:
+            return "silent after its SuperLink closed"
+        return ""
+
+
 def _run_once(
     o: NodeOptions, stopping: threading.Event, current: list[subprocess.Popen[str]]
 ) -> tuple[int, list[str], bool]:
@@ -130,7 +160,7 @@ def _run_once(
     it was stopped to start afresh). ``current`` holds the SuperNode while it runs, for
     run_node's signal handler."""
     from clients.deployed import app
-    from fedsim.deploy.executor import serve_tasks
+    from fedsim.deploy.executor import RECEIVED, serve_tasks
 
     # (In this process group: Ctrl-C in a terminal, or a kill of the group, reaches it.)
     proc = subprocess.Popen(
@@ -142,40 +172,29 @@ def _run_once(
         text=True,
         errors="replace",
     )
-    refused: list[str] = []
-    stale: list[str] = []
+    watch = _Watch()
+    wake = threading.Event()  # a message is in: the executor asks for its task
 
-    closed_at: list[float] = []  # when the SuperLink closed its stream, until more output
-
-    def relay() -> None:  # the SuperNode's output, watched for a refusal
+    def relay() -> None:  # the SuperNode's output, watched
         assert proc.stdout is not None
         for line in proc.stdout:
+            if RECEIVED in line:
+                wake.set()
             sys.stdout.write(line)
             sys.stdout.flush()
-            if LINK_CLOSED in line:
-                closed_at[:] = [time.monotonic()]
-            elif "INFO" in line or "WARNING" in line:  # (it goes on: retries, or works)
-                closed_at.clear()
-            refused.extend(why for needle, why in _REFUSALS if needle in line)
-            if GAVE_UP in line and not stale:
-                # Flower's SuperNode gave up on its SuperLink and should exit now; seen
-                # here: it sometimes stays, stuck, and never dials the next SuperLink.
-                stale.append(line)
-                timer = threading.Timer(GAVE_UP_GRACE_S, _kill_if_alive, args=(proc,))
-                timer.daemon = True
-                timer.start()
-            if STALE_ID in line and not stale:
+            watch.see(line, time.monotonic())
+            if STALE_ID in line and not watch.renew:
                 # A new SuperLink (the next run's) does not know the node id this
                 # SuperNode got from the last one, and Flower's SuperNode retries with
                 # it for ever: start a fresh one, which activates anew.
-                stale.append(line)
+                watch.renew = "its node id is unknown to the SuperLink"
                 proc.send_signal(signal.SIGTERM)
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     stop = threading.Event()
     executor = threading.Thread(
-        target=serve_tasks, args=(f"127.0.0.1:{o.port}", app, stop), daemon=True
+        target=serve_tasks, args=(f"127.0.0.1:{o.port}", app, stop, wake), daemon=True
     )
     executor.start()
 
@@ -188,29 +207,25 @@ def _run_once(
                 code = proc.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                # Seen with 32 nodes outliving runs: after its SuperLink stopped (a
-                # cancelled stream), Flower's SuperNode neither retried nor exited.
-                if closed_at and time.monotonic() - closed_at[0] > SILENT_S and not stale:
-                    stale.append("silent after its SuperLink closed")
-                    _kill_if_alive(proc)
+                why = watch.stuck(time.monotonic())
+                if why and not watch.renew:
+                    watch.renew = why
+                    _kill_if_alive(proc, why)
     finally:
         current.clear()
         stop.set()
+        wake.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         reader.join(timeout=5)
         executor.join(timeout=5)
-    return code, refused, bool(stale)
+    return code, watch.refused, bool(watch.renew)
 
 
-def _kill_if_alive(proc: subprocess.Popen[str]) -> None:
+def _kill_if_alive(proc: subprocess.Popen[str], why: str) -> None:
     if proc.poll() is None:
-        print(
-            "fedsim node: the SuperNode lost its SuperLink and neither retries nor exits; "
-            "starting a fresh one",
-            file=sys.stderr,
-        )
+        print(f"fedsim node: the SuperNode {why}; starting a fresh one", file=sys.stderr)
         proc.kill()
 
 

@@ -24,7 +24,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from fedsim.deploy.superlink import RUNS_KEY, SCENARIO_KEY
     from fedsim.errors import ScenarioError
-    from fedsim.progress import Progress
+    from fedsim.progress import Progress, start_line
     from fedsim.runner import execute
     from fedsim.scenario import scenario_from_json
 
@@ -38,11 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     runs = Path(str(context.run_config.get(RUNS_KEY) or "runs"))
     out = runs / f"{scn.run.name}-{context.run_id}"
     progress = Progress(scn.run.rounds, quiet=False)
-    progress.message(
-        f"fedsim: {scn.run.name}: {scn.num_clients} clients, {scn.train_cohort} per round, "
-        f"{scn.run.rounds} rounds, strategy {scn.strategy.name}, Flower run "
-        f"{context.run_id}; run folder {out}"
-    )
+    progress.message(start_line(scn, f"Flower run {context.run_id}; run folder {out}"))
     try:
         outcome = execute(scn, out=out, progress=progress, grid=grid, run_id=context.run_id)
     except ScenarioError as exc:  # (one line per problem, in Flower's run log)

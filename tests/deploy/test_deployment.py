@@ -5,6 +5,8 @@ which), TLS and SuperNode authentication on.
 
 Checked: the deployment's model equals the simulation's (same seed, same partitions);
 a reply over ``coordinator.max_reply_bytes`` is refused by the SuperLink as it arrives;
+replies that fail validation (a NaN, a negative example count) are rejected with the
+same reasons and leave the same model as in simulation;
 a node with an unregistered key, and one that does not trust the SuperLink's
 certificate, are refused with one line on each side while the run goes on; a client
 host killed mid-run fails only its own replies (dropped, the round completes with the
@@ -39,6 +41,13 @@ NODES = 3
 ROUNDS_B = 30
 ROUNDS_E, CUT_S = 6, 8.0  # (the cut outlasts a round's 6 s timeout, not the node's 15 s wait)
 BASE = ["data.num_clients=3", "run.seed=7"]
+FAULTY_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "faulty.py"
+FAULTY = [  # node 0 replies a NaN, node 1 a negative example count, node 2 is honest
+    "run.rounds=2",
+    f"run.plugins=['{FAULTY_PLUGIN}']",
+    "client.behaviour=faulty",
+    'client.faults={ 0 = "nan", 1 = "negative" }',
+]
 
 
 def _wait_for(pred, timeout_s: float, what: str) -> None:
@@ -95,6 +104,17 @@ def deployed(tmp_path_factory, _ray_session):
                 ),
             )
 
+        def run(name: str, sets: list[str]):
+            """``fedsim run`` of phase ``name`` on the SuperLink's host, into work/name."""
+            argv = fedsim("run", *_sets([*BASE, *sets]), "--out", str(work / name))
+            return hosts.spawn(f"{name}-run", None, argv)
+
+        def finish(name: str, proc, timeout_s: float = 300) -> None:
+            """Wait for phase ``name``'s run; keep its exit code, folder and log."""
+            out[f"{name}_rc"] = proc.wait(timeout=timeout_s)
+            out[name] = work / name
+            out[f"{name}_log"] = hosts.log(f"{name}-run")
+
         def started(name: str, timeout_s: float = 180) -> Path:
             """The run folder's metrics, once its first round is recorded."""
             metrics = work / f"{name}.incomplete" / "metrics.jsonl"
@@ -104,22 +124,16 @@ def deployed(tmp_path_factory, _ray_session):
         # 1. A clean run, compared with its simulation; intruders knock meanwhile.
         for k in range(NODES):
             node(f"a-node{k}", k, k, creds.node_key(k), creds.ca)
-        run_a = hosts.spawn(
-            "a-run",
-            None,
-            fedsim("run", *_sets([*BASE, "run.rounds=2", *deploy]), "--out", str(work / "a")),
-        )
+        run_a = run("a", ["run.rounds=2", *deploy])
         # (its folder appears once the SuperLink is up)
         _wait_for(lambda: (work / "a.incomplete").exists(), 120, "the first run to start")
         unregistered = node("intruder-key", NODES, 0, other.node_key(0), creds.ca, rejoin=0)
         wrong_ca = node("intruder-ca", NODES, 1, creds.node_key(1), other.ca, rejoin=0)
         out["unregistered_rc"] = unregistered.wait(timeout=120)
         out["wrong_ca_rc"] = wrong_ca.wait(timeout=120)
-        out["a_rc"] = run_a.wait(timeout=300)
+        finish("a", run_a)
         for k in range(NODES):
             hosts.stop(f"a-node{k}")
-        out["a"] = work / "a"
-        out["a_log"] = hosts.log("a-run")
         out["intruder_key_log"] = hosts.log("intruder-key")
         out["intruder_ca_log"] = hosts.log("intruder-ca")
 
@@ -127,38 +141,17 @@ def deployed(tmp_path_factory, _ray_session):
         # the same key in again once the dead one's heartbeats lapse, about 60 s).
         for k in range(NODES):
             node(f"b-node{k}", k, k, creds.node_key(k), creds.ca)
-        run_b = hosts.spawn(
-            "b-run",
-            None,
-            fedsim(
-                "run",
-                *_sets([*BASE, f"run.rounds={ROUNDS_B}", *deploy, "deployment.round_timeout_s=10"]),
-                "--out",
-                str(work / "b"),
-            ),
-        )
+        run_b = run("b", [f"run.rounds={ROUNDS_B}", *deploy, "deployment.round_timeout_s=10"])
         metrics = started("b")
         out["killed_after"] = len(metrics.read_text().splitlines())
         hosts.crash("b-node2", 2)
         node("b-node2-again", 2, 2, creds.node_key(2), creds.ca, rejoin=180)
-        out["b_rc"] = run_b.wait(timeout=400)
-        out["b"] = work / "b"
-        out["b_log"] = hosts.log("b-run")
+        finish("b", run_b, timeout_s=400)
 
         # 3. The same nodes (they wait for the next run), replies over a 1 KiB limit.
-        run_c = hosts.spawn(
-            "c-run",
-            None,
-            fedsim(
-                "run",
-                *_sets([*BASE, "run.rounds=1", *deploy, "coordinator.max_reply_bytes=1024"]),
-                "--out",
-                str(work / "c"),
-            ),
-        )
-        out["c_rc"] = run_c.wait(timeout=300)
-        out["c"] = work / "c"
-        out["c_log"] = hosts.log("c-run")
+        finish("c", run("c", ["run.rounds=1", *deploy, "coordinator.max_reply_bytes=1024"]))
+        # ... and replies that fail validation (a NaN, a negative example count).
+        finish("c2", run("c2", [*FAULTY, *deploy]))
         for name in ("b-node0", "b-node1", "b-node2-again"):
             hosts.stop(name)
 
@@ -173,47 +166,24 @@ def deployed(tmp_path_factory, _ray_session):
         for k in range(NODES):
             node(f"d-node{k}", k, k, creds.node_key(k), creds.ca, data=parts / f"client-{k}")
         local = [*deploy, "deployment.client_data=local", "coordinator.max_examples=100000"]
-        run_d = hosts.spawn(
-            "d-run",
-            None,
-            fedsim("run", *_sets([*BASE, "run.rounds=2", *local]), "--out", str(work / "d")),
-        )
-        out["d_rc"] = run_d.wait(timeout=300)
-        out["d"] = work / "d"
-        out["d_log"] = hosts.log("d-run")
+        finish("d", run("d", ["run.rounds=2", *local]))
 
         # 5. A client host loses the network for a while (its link down) mid-run.
-        run_e = hosts.spawn(
-            "e-run",
-            None,
-            fedsim(
-                "run",
-                *_sets([*BASE, f"run.rounds={ROUNDS_E}", *local, "deployment.round_timeout_s=6"]),
-                "--out",
-                str(work / "e"),
-            ),
-        )
+        run_e = run("e", [f"run.rounds={ROUNDS_E}", *local, "deployment.round_timeout_s=6"])
         out["cut_after"] = len(started("e").read_text().splitlines())
         hosts.cut("d-node1", 1)
         time.sleep(CUT_S)
         hosts.mend("d-node1", 1)
-        out["e_rc"] = run_e.wait(timeout=300)
-        out["e"] = work / "e"
-        out["e_log"] = hosts.log("e-run")
+        finish("e", run_e)
 
         # 6. Ctrl-C in the coordinator's terminal (SIGINT to its process group), then
         # SIGTERM to a node: each stops every process it started.
-        run_f = hosts.spawn(
-            "f-run",
-            None,
-            fedsim("run", *_sets([*BASE, "run.rounds=500", *local]), "--out", str(work / "f")),
-        )
+        run_f = run("f", ["run.rounds=500", *local])
         started("f")
         out["superlink_before"] = hosts.running("fedsim.deploy.fleet")
         os.killpg(run_f.pid, signal.SIGINT)
-        out["f_rc"] = run_f.wait(timeout=60)
+        finish("f", run_f, timeout_s=60)
         out["superlink_after"] = hosts.running("fedsim.deploy.fleet")
-        out["f_log"] = hosts.log("f-run")
         out["f_incomplete"] = (work / "f.incomplete").is_dir() and not (work / "f").exists()
         out["node0_before"] = hosts.running("client-0")
         hosts.procs["d-node0"].send_signal(signal.SIGTERM)
@@ -222,6 +192,7 @@ def deployed(tmp_path_factory, _ray_session):
         out["node0_after"] = hosts.running("client-0")
     out["leftovers"] = hosts.leftovers()
     out["sim"] = execute(load_scenario(None, [*BASE, "run.rounds=2"]), out=work / "sim").out_dir
+    out["c2_sim"] = execute(load_scenario(None, [*BASE, *FAULTY]), out=work / "c2-sim").out_dir
     return out
 
 
@@ -282,6 +253,21 @@ def test_a_reply_over_the_limit_is_refused_as_it_arrives(deployed):
     assert statuses == {"rejected:reply exceeds the limit of 1024 bytes (refused at the SuperLink)"}
     (m,) = [json.loads(x) for x in (deployed["c"] / "metrics.jsonl").read_text().splitlines()]
     assert m["clients_rejected"] == NODES and m["round_skipped"] is True
+
+
+def test_replies_that_fail_validation_are_rejected_as_in_simulation(deployed):
+    assert deployed["c2_rc"] == 0, deployed["c2_log"][-2000:]
+    rows, sim = _rows(deployed["c2"]), _rows(deployed["c2_sim"])
+    status = {(r["round"], r["client_id"]): r["status"] for r in rows}
+    for rnd in ("1", "2"):
+        assert "has non-finite values" in status[(rnd, "0")]
+        assert "num-examples -299 is not positive" in status[(rnd, "1")]
+        assert status[(rnd, "2")] == "aggregated"
+    assert status == {(r["round"], r["client_id"]): r["status"] for r in sim}
+    summaries = [
+        json.loads((d / "summary.json").read_text()) for d in (deployed["c2"], deployed["c2_sim"])
+    ]
+    assert summaries[0]["model_sha256"] == summaries[1]["model_sha256"]
 
 
 def test_nodes_on_their_own_data_folders_give_the_simulations_model(deployed):

@@ -8,7 +8,7 @@ import csv
 import hashlib
 import math
 import re
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,76 +149,8 @@ def test_screen_turns_an_invalid_reply_into_a_rejection_that_names_the_reason():
 
 # --- end to end: one client per fault, on both engines --------------------------------
 
-FAULTY_PLUGIN = """
-    from typing import Literal
 
-    import numpy as np
-    from pydantic import Field
-
-    from clients.behaviour import Outcome, SgdClient
-    from fedsim.client_params import CLIENTS
-
-
-    def _broken(arrays, fault):
-        first = next(iter(arrays))
-        a = arrays[first]
-        if fault == "nan":
-            a.flat[0] = np.nan
-        elif fault == "inf":
-            a.flat[-1] = np.inf
-        elif fault == "shape (1,)":
-            arrays[first] = np.ones(1, a.dtype)
-        elif fault == "shape ()":
-            arrays[first] = np.asarray(1.0, a.dtype)
-        elif fault == "float64":
-            arrays[first] = a.astype(np.float64)
-        elif fault == "complex":
-            arrays[first] = a.astype(np.complex64)
-        elif fault == "missing":
-            del arrays[first]
-        elif fault == "extra":
-            arrays["bogus"] = np.ones(2, np.float32)
-        return arrays
-
-
-    WEIGHTS = {"negative": -299, "zero": 0, "1e12": 1e12, "fraction": 2.5}
-
-
-    @CLIENTS.register("faulty")
-    class FaultyClient(SgdClient):
-        '''Local SGD, except that the clients named in ``faults`` reply what it says, or
-        fail (raise) instead when ``fail_instead``: the run without their replies.'''
-
-        behaviour: Literal["faulty"] = "faulty"
-        faults: dict[str, str] = Field(default_factory=dict)
-        fail_instead: bool = False
-
-        def train(self, task):
-            out = super().train(task)
-            fault = self.faults.get(str(task.cid), "")
-            if not fault or fault.startswith("eval "):
-                return out
-            if self.fail_instead:
-                raise RuntimeError("left out")
-            state = task.model.state_dict()
-            arrays = {k: v.detach().numpy().copy() for k, v in state.items()}
-            metrics = dict(out.metrics)
-            if fault == "metric nan":
-                metrics["train_loss"] = float("nan")
-            n = WEIGHTS.get(fault, out.num_examples)
-            return Outcome(n, metrics, arrays=_broken(arrays, fault))
-
-        def evaluate(self, task):
-            out = super().evaluate(task)
-            fault = self.faults.get(str(task.cid), "")
-            if not fault.startswith("eval "):
-                return out
-            if self.fail_instead:
-                raise RuntimeError("left out")
-            if fault == "eval nan":
-                return Outcome(out.num_examples, {**out.metrics, "eval_loss": float("nan")})
-            return Outcome(10**6, out.metrics)  # eval huge
-"""
+FAULTY_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "faulty.py"
 
 # client id -> (fault, the reason participation.csv gives)
 E2E_FAULTS = {
@@ -240,10 +172,8 @@ EVAL_FAULTS = {2: "eval nan", 5: "eval huge"}
 
 
 @pytest.fixture(scope="module")
-def faulty_plugin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plugin") / "faulty.py"
-    path.write_text(textwrap.dedent(FAULTY_PLUGIN))
-    return path
+def faulty_plugin():
+    return FAULTY_PLUGIN
 
 
 _RUNS: dict[tuple[str, str, bool], object] = {}

@@ -1,0 +1,45 @@
+"""``fedsim node`` reads its SuperNode's output (Flower 1.39's own lines) for refusals
+and for the two ways it was seen stuck after losing its SuperLink."""
+
+from __future__ import annotations
+
+from fedsim.deploy.node import GAVE_UP_GRACE_S, SILENT_S, _Watch
+
+CANCELLED = (
+    "ERROR :     [RUN 0] gRPC error occurred: <_MultiThreadedRendezvous of RPC that "
+    "terminated with: status = StatusCode.CANCELLED ..."
+)
+GIVING_UP = "ERROR :     Giving up reconnection after 15.00 seconds and 4 tries."
+RETRY = "WARNING :   Connection attempt failed, retrying in 2.31 seconds"
+NOT_REGISTERED = (
+    "ERROR :     Failed to activate SuperNode: No SuperNode found with the given public key"
+)
+
+
+def test_a_supernode_that_gave_up_and_stays_is_stuck_after_the_grace():
+    w = _Watch()
+    w.see(GIVING_UP, 100.0)
+    assert w.stuck(100.0 + GAVE_UP_GRACE_S - 0.1) == ""
+    assert "gave up" in w.stuck(100.0 + GAVE_UP_GRACE_S + 0.1)
+
+
+def test_a_supernode_silent_after_a_cancelled_stream_is_stuck():
+    w = _Watch()
+    w.see(CANCELLED, 10.0)
+    assert w.stuck(10.0 + SILENT_S - 1) == ""
+    assert "silent" in w.stuck(10.0 + SILENT_S + 1)
+
+
+def test_one_that_retries_after_the_cancelled_stream_is_not():
+    w = _Watch()
+    w.see(CANCELLED, 10.0)
+    w.see(RETRY, 12.0)
+    assert w.stuck(10.0 + SILENT_S + 60) == ""
+
+
+def test_a_refusal_is_named_once_per_line():
+    w = _Watch()
+    w.see(NOT_REGISTERED, 0.0)
+    w.see("INFO :      Starting Flower SuperNode", 1.0)
+    assert len(w.refused) == 1 and "public key is not registered" in w.refused[0]
+    assert w.stuck(1000.0) == ""
