@@ -228,7 +228,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if fields is not None:
             for key in [k for k in cur if k not in fields and (*table, k) not in set_keys]:
                 del cur[key]
+    _one_budget(raw, set_keys)
     return raw
+
+
+_TARGET, _Z = ("privacy", "target_epsilon"), ("privacy", "dp", "noise_multiplier")
+
+
+def _one_budget(raw: dict[str, Any], set_keys: set[tuple[str, ...]]) -> None:
+    """``privacy.target_epsilon`` and a fixed ``privacy.dp.noise_multiplier`` exclude each
+    other (unless ``privacy.stop_at_budget``): the one set on the command line replaces
+    the file's other, so ``--set privacy.target_epsilon=8`` calibrates the noise of a
+    file that fixes it (and ``--set privacy.dp.noise_multiplier=2`` fixes the noise of a
+    file that calibrates it). Both set on the command line stay, and are refused."""
+    privacy = raw.get("privacy")
+    dp = privacy.get("dp") if isinstance(privacy, dict) else None
+    if not isinstance(dp, dict) or privacy.get("stop_at_budget") is True:  # type: ignore[union-attr]
+        return
+    if _TARGET in set_keys and _Z not in set_keys:
+        dp.pop("noise_multiplier", None)
+    elif _Z in set_keys and _TARGET not in set_keys:
+        privacy.pop("target_epsilon", None)  # type: ignore[union-attr]
 
 
 def _key_path(loc: tuple[Any, ...], raw: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,32 @@ def test_bad_privacy_settings_exit_2_with_one_line_naming_the_key(tmp_path, over
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and key in lines[0], lines
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.incomplete").exists()
+
+
+def test_a_budget_set_on_the_command_line_replaces_the_files_noise(tmp_path):
+    # A file that fixes z (scenarios/dp_mnist.toml does) serves as the arm that
+    # calibrates it to --set privacy.target_epsilon, and the other way round; both in
+    # the file, or both on the command line, are refused.
+    from fedsim.errors import ScenarioError
+
+    def toml(name: str, privacy: str, dp: str) -> Path:
+        path = tmp_path / name
+        path.write_text(
+            f"[privacy]\ndelta = 1e-3\n{privacy}[privacy.dp]\nmode = 'central'\n"
+            f"clip_norm = 1.0\n{dp}"
+        )
+        return path
+
+    fixed = toml("fixed.toml", "", "noise_multiplier = 1.0\n")
+    target = toml("target.toml", "target_epsilon = 4.0\n", "")
+    both = toml("both.toml", "target_epsilon = 4.0\n", "noise_multiplier = 1.0\n")
+    scn = load_scenario(fixed, ["privacy.target_epsilon=8"])
+    assert scn.privacy.target_epsilon == 8 and scn.privacy.dp.noise_multiplier is None
+    scn = load_scenario(target, ["privacy.dp.noise_multiplier=2"])
+    assert scn.privacy.target_epsilon is None and scn.privacy.dp.noise_multiplier == 2
+    kept = load_scenario(fixed, ["privacy.target_epsilon=8", "privacy.stop_at_budget=true"])
+    assert kept.privacy.dp.noise_multiplier == 1.0 and kept.privacy.stop_at_budget
+    refused = [(both, []), (fixed, ["privacy.target_epsilon=8", "privacy.dp.noise_multiplier=2"])]
+    for path, sets in refused:
+        with pytest.raises(ScenarioError, match="privacy.target_epsilon"):
+            load_scenario(path, sets)
