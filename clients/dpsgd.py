@@ -118,6 +118,10 @@ def _optimizer(**kwargs: Any) -> Any:
                 _mark_as_processed(p.summed_grad)
 
     opt = Optimizer(**kwargs)
+    # (what the two overrides assume: no secure-mode noise, no gradient accumulation
+    # over steps, so p.grad is this step's alone and summed_grad may take it)
+    if opt.secure_mode or getattr(opt, "_adjusted_noise_multiplier", None) is not None:
+        raise ValueError("DP-SGD: secure mode and adaptive clipping are not supported here")
     opt.buffers = {}
     return opt
 
@@ -190,22 +194,31 @@ class _LinearClipping:
         self.model = model
         self.layers = layers
         self.clip_norm = clip_norm
-        self.seen: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+        self.seen: list[tuple[nn.Linear, torch.Tensor, int, torch.Tensor]] = []
         self.handles: list[Any] = []
 
     @staticmethod
     def of(model: nn.Module) -> list[nn.Linear] | None:
-        """The model's trainable layers if all are ``nn.Linear``, else None."""
-        layers = []
+        """The model's trainable layers if all are ``nn.Linear`` and share no parameter
+        (tied weights: an example's gradient sums over the uses), else None."""
+        layers, params = [], set()
         for m in model.modules():
-            if any(p.requires_grad for p in m.parameters(recurse=False)):
-                if type(m) is not nn.Linear:
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if own:
+                if type(m) is not nn.Linear or any(id(p) in params for p in own):
                     return None
+                params.update(id(p) for p in own)
                 layers.append(m)
         return layers
 
-    def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        self.seen.append((module, inputs[0].detach(), out))
+    def _keep(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> torch.Tensor:
+        a = inputs[0].detach()
+        self.seen.append((module, a, a._version, out))
+        # The layers after it get a copy: an in-place op there (ReLU(inplace=True))
+        # leaves this output, whose gradient is taken, as it was.
+        return out.clone()
 
     def __enter__(self) -> _LinearClipping:
         self.handles = [m.register_forward_hook(self._keep) for m in self.layers]
@@ -222,14 +235,16 @@ class _LinearClipping:
 
     def clipped_sum(self, losses: torch.Tensor, params: list[nn.Parameter]) -> None:
         seen = self.seen
-        if len({id(m) for m, _, _ in seen}) < len(seen):
+        if len({id(m) for m, _, _, _ in seen}) < len(seen):
             raise ValueError("DP-SGD: a linear layer used twice in one forward pass")
-        outs = torch.autograd.grad(losses.sum(), [o for _, _, o in seen])
+        if any(a._version != version for _, a, version, _ in seen):
+            raise ValueError("DP-SGD: a linear layer's input was changed in place after it")
+        outs = torch.autograd.grad(losses.sum(), [o for _, _, _, o in seen], allow_unused=True)
         n = len(losses)
         sq = torch.zeros(n, dtype=losses.dtype, device=losses.device)
         parts = []
-        for (m, a, _), b in zip(seen, outs, strict=True):
-            b = b.detach()
+        for (m, a, _, out), b in zip(seen, outs, strict=True):
+            b = torch.zeros_like(out) if b is None else b.detach()  # (a layer the loss skips)
             if a.dim() == 2:
                 bb = b.square().sum(1)
                 if m.weight.requires_grad:

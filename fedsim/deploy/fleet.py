@@ -12,11 +12,17 @@ same protocol, same TLS and node authentication) with two bounds on the Fleet AP
 - one gRPC message may hold at most ``N`` bytes plus a chunk's worth (5 MB) plus 64
   KiB: a larger one is refused by gRPC from its length prefix, before it is read
   (``RESOURCE_EXHAUSTED``);
-- a reply's pushed objects may add up to at most ``N`` bytes: the object that passes
-  the limit is refused (``RESOURCE_EXHAUSTED``, which the SuperNode logs as "Failed to
-  send message"), what the reply had stored is dropped, and an error reply takes its
-  place, so the coordinator records the client ``rejected:reply exceeds the limit of N
-  bytes (refused at the SuperLink)`` at once instead of waiting out the round.
+- a reply's pushed objects may add up to at most ``N`` bytes, counted over every push
+  session its node opens for it (pushing it again starts no new count): the object
+  that passes the limit is refused (``RESOURCE_EXHAUSTED``, which the SuperNode logs as
+  "Failed to send message"), and so is every later push of that reply; what the reply
+  had stored is dropped, and an error reply takes its place, so the coordinator records
+  the client ``rejected:reply exceeds the limit of N bytes (refused at the SuperLink)``
+  at once instead of waiting out the round. An object pushed outside a session the
+  SuperLink opened (which nothing could count) is refused (``FAILED_PRECONDITION``).
+
+Flower's other Fleet API (``--fleet-api-type grpc-adapter``) is refused here: its
+servicer is not the one bounded.
 
 The bounds are put in place by replacing two names in
 ``flwr.superlink.cli.flower_superlink``: its ``GRPC_MAX_MESSAGE_LENGTH`` (used only for
@@ -41,14 +47,14 @@ REFUSED_AT_SUPERLINK = "refused at the SuperLink"
 
 
 @dataclass
-class _Push:
-    """A reply being pushed: its message (to answer with an error in its place), the
-    objects still to come and the bytes they brought so far."""
+class _Reply:
+    """A reply being pushed, over every push session its node opened for it: its
+    message (to answer with an error in its place) and the bytes its objects brought."""
 
     message: Any
-    pending: int
     held: int = 0
-    started: float = field(default_factory=time.monotonic)
+    refused: bool = False
+    seen: float = field(default_factory=time.monotonic)
 
 
 def grpc_limit(max_message_bytes: int) -> int:
@@ -75,38 +81,60 @@ def bounded_servicer(base: type, max_message_bytes: int) -> type:
     class BoundedFleetServicer(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._pushes: dict[str, _Push] = {}
+            # A reply is counted by the instruction it answers, so a node that pushes
+            # it again (Flower then opens a new session) goes on from the bytes so far.
+            self._replies: dict[tuple[int, str], _Reply] = {}
+            self._sessions: dict[str, tuple[_Reply, set[str]]] = {}  # -> objects to come
             self._lock = threading.Lock()
 
         def PushMessages(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
+            if not request.messages_list:
+                return super().PushMessages(request, context)
+            msg = message_from_proto(request.messages_list[0])
+            key = (msg.metadata.run_id, msg.metadata.reply_to_message_id)
+            with self._lock:
+                # (a reply its node stopped pushing is forgotten with Flower's session)
+                old = time.monotonic() - 2 * OBJECT_PUSH_SESSION_TTL_SECONDS
+                for k in [k for k, r in self._replies.items() if r.seen < old]:
+                    del self._replies[k]
+                for sid in [s for s, (r, _) in self._sessions.items() if r.seen < old]:
+                    del self._sessions[sid]
+                reply = self._replies.setdefault(key, _Reply(msg))
+                reply.message, reply.seen = msg, time.monotonic()
+            if reply.refused:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
             res = super().PushMessages(request, context)
-            if request.messages_list and res.session_id and res.objects_to_push:
-                msg = message_from_proto(request.messages_list[0])
+            if res.session_id and res.objects_to_push:
                 with self._lock:
-                    # (a push its node never finished is forgotten with Flower's session)
-                    old = time.monotonic() - 2 * OBJECT_PUSH_SESSION_TTL_SECONDS
-                    for sid in [s for s, p in self._pushes.items() if p.started < old]:
-                        del self._pushes[sid]
-                    self._pushes[res.session_id] = _Push(msg, len(res.objects_to_push))
+                    self._sessions[res.session_id] = (reply, set(res.objects_to_push))
             return res
 
         def PushObject(self, request: Any, context: Any) -> Any:  # noqa: N802
+            refuse = False
             with self._lock:
-                push = self._pushes.get(request.session_id)
-                if push is not None:
-                    push.held += len(request.object_content)
-                    if push.held > max_message_bytes:
-                        del self._pushes[request.session_id]
-                    else:
-                        push.pending -= 1
-                        if push.pending <= 0:
-                            del self._pushes[request.session_id]
-            if push is None and not request.session_id:
-                # (Flower 1.39 nodes name their push session; one that does not could
-                # push objects that nothing here counts)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push without a session")
-            if push is not None and push.held > max_message_bytes:
-                self._refuse(request.session_id, push.message)
+                entry = self._sessions.get(request.session_id)
+                if entry is not None:
+                    reply, pending = entry
+                    if not reply.refused:
+                        # (every byte a push brings counts, whatever Flower makes of it)
+                        reply.held += len(request.object_content)
+                        reply.seen = time.monotonic()
+                        refuse = reply.refused = reply.held > max_message_bytes
+                        pending.discard(request.object_id)
+                        if not pending and not reply.refused:
+                            del self._sessions[request.session_id]
+            if entry is None:
+                # (Flower 1.39 nodes push in the sessions the SuperLink opened for them;
+                # objects pushed outside one would be counted by nothing)
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "an object push without a session"
+                    if not request.session_id
+                    else "an object push outside a session this SuperLink opened",
+                )
+            if refuse:  # (the push that passed the limit: once per reply)
+                self._refuse(request.session_id, reply.message)
+            if reply.refused:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
             return super().PushObject(request, context)
 
@@ -135,6 +163,8 @@ def bounded_servicer(base: type, max_message_bytes: int) -> type:
             error.metadata.__dict__["_message_id"] = error.object_id
             if state.store_message_res(error) is not None:
                 state._store_generated_message(error)
+            else:  # (its instruction expired meanwhile: the coordinator sees it lapse)
+                print("fedsim: the refused reply's error reply was not stored", file=sys.stderr)
 
     BoundedFleetServicer.__qualname__ = BoundedFleetServicer.__name__ = "BoundedFleetServicer"
     return BoundedFleetServicer
@@ -166,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "--max-message-bytes" or not argv[1].isdigit():
         print("usage: python -m fedsim.deploy.fleet --max-message-bytes N [flower-superlink args]")
+        return 2
+    if any(a == "grpc-adapter" or a.endswith("=grpc-adapter") for a in argv[2:]):
+        print(
+            "fedsim: --fleet-api-type grpc-adapter is not bounded here (its servicer is "
+            "not Flower's FleetServicer); use the default grpc-rere",
+            file=sys.stderr,
+        )
         return 2
     if not patch(int(argv[1])):
         print(

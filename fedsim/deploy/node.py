@@ -134,6 +134,15 @@ class _Watch:
     renew: str = ""  # why this SuperNode is being replaced ("": it is not)
     gave_up_at: float | None = None
     closed_at: float | None = None  # when its SuperLink closed the stream, until more output
+    stale_at: float | None = None  # when it was asked to stop (its node id went stale)
+    killed: bool = False
+
+    def see_stale(self, now: float) -> bool:
+        """Its node id is unknown to the SuperLink: True the first time (stop it)."""
+        if self.stale_at is not None:
+            return False
+        self.stale_at, self.renew = now, self.renew or "its node id is unknown to the SuperLink"
+        return True
 
     def see(self, line: str, now: float) -> None:
         if LINK_CLOSED in line:
@@ -150,6 +159,8 @@ class _Watch:
             return "gave up on its SuperLink and did not exit"
         if self.closed_at is not None and now - self.closed_at > SILENT_S:
             return "silent after its SuperLink closed"
+        if self.stale_at is not None and now - self.stale_at > GAVE_UP_GRACE_S:
+            return "did not stop when asked"
         return ""
 
 
@@ -183,11 +194,10 @@ def _run_once(
             sys.stdout.write(line)
             sys.stdout.flush()
             watch.see(line, time.monotonic())
-            if STALE_ID in line and not watch.renew:
+            if STALE_ID in line and watch.see_stale(time.monotonic()):
                 # A new SuperLink (the next run's) does not know the node id this
                 # SuperNode got from the last one, and Flower's SuperNode retries with
                 # it for ever: start a fresh one, which activates anew.
-                watch.renew = "its node id is unknown to the SuperLink"
                 proc.send_signal(signal.SIGTERM)
 
     reader = threading.Thread(target=relay, daemon=True)
@@ -208,8 +218,8 @@ def _run_once(
                 break
             except subprocess.TimeoutExpired:
                 why = watch.stuck(time.monotonic())
-                if why and not watch.renew:
-                    watch.renew = why
+                if why and not watch.killed:
+                    watch.killed, watch.renew = True, watch.renew or why
                     _kill_if_alive(proc, why)
     finally:
         current.clear()

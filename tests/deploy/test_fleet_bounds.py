@@ -10,7 +10,10 @@ objects past the limit is refused in a real run by tests/deploy/test_deployment.
 
 from __future__ import annotations
 
+import time
+
 import grpc
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,19 +81,139 @@ def test_a_grpc_message_over_the_bound_is_refused_before_it_is_read(fleet):
     assert "larger than max" in err.details()
 
 
-def test_a_push_outside_a_session_is_refused_by_fedsims_servicer(fleet):
-    err = _push(fleet, b"x" * 10)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "without a session" in err.details()
-
-
-def test_a_push_in_a_session_the_superlink_never_opened_is_flowers_to_answer(fleet):
-    # (an unknown session: Flower's own checks answer, here that run 1 does not exist)
-    err = _push(fleet, b"x" * 10, session_id="no-such-session")
-    assert err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "without a session" not in err.details()
+@pytest.mark.parametrize(
+    ("session", "words"),
+    [("", "without a session"), ("no-such-session", "outside a session this SuperLink opened")],
+)
+def test_a_push_outside_a_session_it_opened_is_refused_by_fedsims_servicer(fleet, session, words):
+    err = _push(fleet, b"x" * 10, session_id=session)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and words in err.details()
 
 
 def test_a_chunk_of_flowers_size_fits_the_bound():
     from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
     assert grpc_limit(0) > CHUNK_BYTES >= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+
+def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp_path):
+    """A real run on the bounded SuperLink: the coordinator's grid sends an instruction,
+    a node (this test, with Flower's own protocol) pushes a 160 KB reply in 40 arrays
+    against a 64 KiB limit, most of it in one push session and the rest in another (a
+    new session must not start a new count). The object that passes the limit is
+    refused, and so is pushing the reply again; the coordinator pulls an error reply
+    in its place that names the limit."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.fleet_pb2 import (
+        ActivateNodeRequest,
+        PullMessagesRequest,
+        PushMessagesRequest,
+    )
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+        iterate_object_tree,
+    )
+
+    from fedsim.deploy.superlink import DeployedRun
+    from fedsim.engine.screening import REJECTED
+
+    limit = 64 * 1024
+    port = free_port()
+    scn = load_scenario(
+        None,
+        [
+            "simulation.engine=deployment",
+            "deployment.insecure=true",
+            f"deployment.fleet_address=127.0.0.1:{port}",
+        ],
+    )
+    with (
+        SuperLink(scn.deployment, tmp_path, limit) as link,
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        key = ec.generate_private_key(ec.SECP384R1())
+        stub = FleetStub(
+            grpc.intercept_channel(channel, NodeAuthClientInterceptor(key, key.public_key()))
+        )
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        stub.RegisterNode(RegisterNodeFleetRequest(public_key=pem))
+        node = Node(
+            node_id=stub.ActivateNode(
+                ActivateNodeRequest(public_key=pem, heartbeat_interval=30)
+            ).node_id
+        )
+        with DeployedRun(
+            link.http_address,
+            scn.model_dump_json(),
+            insecure=True,
+            root_certificates=None,
+            max_reply_bytes=limit,
+        ) as run:
+            grid = run.grid
+            out = Message(
+                RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                dst_node_id=node.node_id,
+                message_type="train",
+            )
+            (sent,) = grid.push_messages([out])
+            pulled = stub.PullMessages(PullMessagesRequest(node=node))
+            instruction = message_from_proto(pulled.messages_list[0])
+            # 160 KB in 40 arrays of 4 KB (distinct: Flower stores an object by its hash)
+            arrays = {
+                f"w{i}": Array(np.arange(i * 1000, (i + 1) * 1000, dtype=np.float32))
+                for i in range(40)
+            }
+            reply = Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=instruction)
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            tree = get_object_tree(reply)
+            objects = {k: o.deflate() for k, o in get_all_nested_objects(reply).items()}
+
+            def push_reply(most: int = 10**9) -> int:
+                """Push the reply's missing objects (stopping before ``most`` bytes);
+                the bytes pushed."""
+                res = stub.PushMessages(
+                    PushMessagesRequest(
+                        node=node,
+                        messages_list=[message_to_proto(reply)],
+                        message_object_trees=[tree],
+                    )
+                )
+                pushed = 0
+                for t in iterate_object_tree(tree):
+                    if t.object_id in res.objects_to_push:
+                        if pushed + len(objects[t.object_id]) > most:
+                            break
+                        pushed += len(objects[t.object_id])
+                        stub.PushObject(
+                            PushObjectRequest(
+                                node=node,
+                                run_id=instruction.metadata.run_id,
+                                session_id=res.session_id,
+                                object_id=t.object_id,
+                                object_content=objects[t.object_id],
+                            )
+                        )
+                return pushed
+
+            # Most of the limit in one session, then the rest in a new one: counted as one.
+            assert limit - 6000 < push_reply(limit - 1000) <= limit - 1000
+            with pytest.raises(grpc.RpcError) as err:
+                push_reply(limit - 1000)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "exceeds the limit of 65536 bytes" in err.value.details()
+            with pytest.raises(grpc.RpcError) as again:
+                push_reply()
+            assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            replies = []
+            for _ in range(50):
+                replies = grid.pull_messages([sent])
+                if replies:
+                    break
+                time.sleep(0.1)
+            (answer,) = replies
+            assert answer.has_error() and answer.error.code == REJECTED
+            assert answer.error.reason.endswith("(refused at the SuperLink)")

@@ -3,7 +3,10 @@ and for the two ways it was seen stuck after losing its SuperLink."""
 
 from __future__ import annotations
 
-from fedsim.deploy.node import GAVE_UP_GRACE_S, SILENT_S, _Watch
+import inspect
+
+from fedsim.deploy.executor import RECEIVED
+from fedsim.deploy.node import GAVE_UP, GAVE_UP_GRACE_S, LINK_CLOSED, SILENT_S, STALE_ID, _Watch
 
 CANCELLED = (
     "ERROR :     [RUN 0] gRPC error occurred: <_MultiThreadedRendezvous of RPC that "
@@ -43,3 +46,22 @@ def test_a_refusal_is_named_once_per_line():
     w.see("INFO :      Starting Flower SuperNode", 1.0)
     assert len(w.refused) == 1 and "public key is not registered" in w.refused[0]
     assert w.stuck(1000.0) == ""
+
+
+def test_a_supernode_asked_to_stop_that_stays_is_stuck():
+    w = _Watch()
+    assert w.see_stale(50.0) and not w.see_stale(51.0)  # (asked once)
+    assert w.renew and w.stuck(50.0 + GAVE_UP_GRACE_S - 0.1) == ""
+    assert "did not stop" in w.stuck(50.0 + GAVE_UP_GRACE_S + 0.1)
+
+
+def test_the_lines_watched_for_are_flowers_own():
+    # (if Flower stops printing one, the watch, or the executor's wake-up, goes blind)
+    import flwr.server.superlink.fleet.grpc_rere.node_auth_server_interceptor as auth
+    import flwr.supercore.retry.grpc_retry as retry
+    import flwr.supernode.start_client_internal as sci
+
+    assert RECEIVED in inspect.getsource(sci)
+    assert GAVE_UP in inspect.getsource(retry)
+    assert STALE_ID in inspect.getsource(auth)
+    assert LINK_CLOSED == "StatusCode.CANCELLED"

@@ -153,6 +153,42 @@ def test_ghost_clipping_gives_opacus_classic_per_example_result(kind):
     assert moved > 0.1 and diff < 1e-5, (moved, diff)
 
 
+def test_in_place_activations_and_tied_weights_are_clipped_right():
+    # The one-pass clipping takes the gradient at each linear layer's output: an
+    # in-place ReLU after it must not change what that output was (the same weights
+    # as with an ordinary ReLU). Tied linear layers go to Opacus (which refuses them).
+    from clients.dpsgd import _LinearClipping
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 16)).astype(np.float32) * 3
+    y = rng.integers(0, 3, 40).astype(np.int64)
+
+    def trained(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=inplace), nn.Linear(32, 3))
+        train_dpsgd(
+            model,
+            x,
+            y,
+            epochs=2,
+            batch_size=8,
+            lr=0.5,
+            clip_norm=0.3,
+            noise_multiplier=0.7,
+            generator=torch.Generator().manual_seed(5),
+            noise_generator=torch.Generator().manual_seed(6),
+        )
+        return model
+
+    a, b = trained(False), trained(True)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    assert _LinearClipping.of(nn.Sequential(first, second)) is None
+    assert _LinearClipping.of(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))) is not None
+
+
 def test_a_layer_that_per_example_gradients_cannot_handle_is_named():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     problems = dp_problems(model)
