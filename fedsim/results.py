@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import time
 import traceback
 from datetime import UTC, datetime
 from importlib import metadata
@@ -142,7 +143,7 @@ class RunDir:
             except FileExistsError:
                 check_out_dir(self.final)  # names the unfinished run
                 raise
-        self._lock = _lock(self.tmp / MARKER_FILE)
+        self._lock = _lock(self.tmp / MARKER_FILE, wait_s=RELEASE_WAIT_S if resume else 0.0)
         self._metrics = None
 
     def path(self, name: str) -> Path:
@@ -242,17 +243,30 @@ def check_out_dir_final(out: Path) -> None:
         raise ScenarioError([("--out", f"{out} already exists and is not empty")])
 
 
-def _lock(marker: Path) -> int:
+# A run that just died may live on for a moment in processes it forked (which hold
+# its lock until they exit): --resume waits this long for the lock before it says the
+# folder is in use.
+RELEASE_WAIT_S = 10.0
+
+
+def _lock(marker: Path, *, wait_s: float = 0.0) -> int:
     """Lock ``marker`` (created if absent) for this process's lifetime; the kernel drops
-    the lock when the process dies, however it dies."""
+    the lock when the process dies, however it dies. A lock held by another process is
+    waited for up to ``wait_s``."""
     fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ScenarioError(
-            [("--resume", f"{marker.parent} is in use by a running fedsim")]
-        ) from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            raise ScenarioError(
+                [("--resume", f"{marker.parent} is in use by a running fedsim")]
+            ) from None
     info = json.dumps({"fedsim": versions()["fedsim"], "pid": os.getpid()}) + "\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)

@@ -43,9 +43,15 @@ class _TooLarge(ObjectPullError):
 class BoundedHttpGrid(HttpGrid):
     """``HttpGrid`` whose replies are refused once they pass ``max_reply_bytes``."""
 
-    def __init__(self, *args: Any, max_reply_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_reply_bytes: int, max_pull_s: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_reply_bytes = max_reply_bytes
+        # A reply whose node died while pushing it lists objects that never come (the
+        # SuperLink forgets them when its push session lapses, 3 minutes later): waiting
+        # for them longer than a round may last would hold up the replies behind it.
+        self.max_pull_s = max_pull_s
 
     def _error(self, run_id: int, reply_to: str, code: int, reason: str) -> Message:
         return make_message(
@@ -89,6 +95,7 @@ class BoundedHttpGrid(HttpGrid):
                 contents = pull_objects(
                     object_ids=[t.object_id for t in iterate_object_tree(tree)],
                     pull_object_fn=counted,
+                    **({} if self.max_pull_s is None else {"max_time": self.max_pull_s}),
                 )
             except _TooLarge:
                 # (its objects stay at the SuperLink, never confirmed, until their TTL)

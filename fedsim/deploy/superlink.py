@@ -258,8 +258,10 @@ class DeployedRun:
         insecure: bool,
         root_certificates: bytes | None,
         max_reply_bytes: int,
+        max_pull_s: float | None = None,
     ) -> None:
         self.max_reply_bytes = max_reply_bytes
+        self.max_pull_s = max_pull_s
         self.http_address = http_address
         self.scenario_json = scenario_json
         self.insecure = insecure
@@ -306,6 +308,7 @@ class DeployedRun:
             runtime_api_address=self.http_address,
             token=token,
             max_reply_bytes=self.max_reply_bytes,
+            max_pull_s=self.max_pull_s,
             **kw,
         )
         self._stack.callback(grid.close)

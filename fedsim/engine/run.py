@@ -231,6 +231,7 @@ class Engine:
                 insecure=link.insecure,
                 root_certificates=link.root_certificates,
                 max_reply_bytes=reply_limit(self.scn, fed),
+                max_pull_s=self.scn.deployment.round_timeout_s,
             ) as run,
             quiet_flower(),
         ):

@@ -352,7 +352,8 @@ def test_what_is_not_an_unfinished_run_is_refused(tmp_path, capsys, uninterrupte
     assert "is an unfinished run" in line and "--resume" in line
 
 
-def test_a_folder_in_use_is_refused(tmp_path, capsys, stopped):
+def test_a_folder_in_use_is_refused(tmp_path, capsys, stopped, monkeypatch):
+    monkeypatch.setattr("fedsim.results.RELEASE_WAIT_S", 0.5)
     inc = _copy(stopped, tmp_path)
     holder = subprocess.Popen(
         [
@@ -370,6 +371,35 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys, stopped):
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert "in use by a running fedsim" in _refused(capsys, "--resume", str(inc))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_let_go_within_the_wait_is_taken(tmp_path):
+    # (a run that just died can live on for a moment in processes it forked)
+    from fedsim.errors import ScenarioError
+    from fedsim.results import _lock
+
+    marker = tmp_path / ".fedsim-run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, time\n"
+            f"fd = os.open({str(marker)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(1.5)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ScenarioError, match="in use"):
+            _lock(marker)
+        os.close(_lock(marker, wait_s=30))
     finally:
         holder.kill()
         holder.wait()
