@@ -23,6 +23,12 @@ from pathlib import Path
 import pytest
 
 LINK_IP = "10.77.0.1"
+_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+]
 MARK = "FEDSIM_TEST_MARK"
 
 
@@ -106,6 +112,9 @@ class Hosts:
         prefix: list[str] = []
         if self.netns:
             prefix = ["ip", "netns", "exec", self.link_ns if host is None else self.node_ns[host]]
+        # Ctrl-C as in a terminal: a job started in the background of a shell without job
+        # control (CI, `cmd &` in a script) has SIGINT ignored, and Python keeps it so.
+        prefix = [*_DEFAULT_SIGINT, *prefix]
         env = dict(os.environ, **{MARK: self.mark, "PYTHONUNBUFFERED": "1"})
         with (self.workdir / f"{name}.log").open("ab") as log:
             p = subprocess.Popen(
