@@ -10,6 +10,7 @@ objects past the limit is refused in a real run by tests/deploy/test_deployment.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -31,8 +32,11 @@ from fedsim.scenario import load_scenario
 LIMIT = 1000
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+@contextlib.contextmanager
+def _bounded(folder, limit: int):
+    """fedsim's SuperLink (insecure, loopback) refusing replies over ``limit``, and a
+    node: a Fleet stub signing its requests as Flower's SuperNode does, with its key
+    registered. Yields (link, scenario, stub, public key PEM, node id)."""
     port = free_port()
     scn = load_scenario(
         None,
@@ -42,23 +46,28 @@ def fleet(tmp_path_factory):
             f"deployment.fleet_address=127.0.0.1:{port}",
         ],
     )
-    with SuperLink(scn.deployment, tmp_path_factory.mktemp("fleet"), LIMIT) as link:
-        channel = grpc.insecure_channel(
-            f"127.0.0.1:{port}",
-            options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
-        )
+    with (
+        SuperLink(scn.deployment, folder, limit) as link,
+        grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        ) as channel,
+    ):
         key = ec.generate_private_key(ec.SECP384R1())
-        signed = grpc.intercept_channel(channel, NodeAuthClientInterceptor(key, key.public_key()))
-        try:
-            stub = FleetStub(signed)
-            pem = key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            node_id = stub.RegisterNode(RegisterNodeFleetRequest(public_key=pem)).node_id
-            yield stub, node_id
-        finally:
-            channel.close()
+        stub = FleetStub(
+            grpc.intercept_channel(channel, NodeAuthClientInterceptor(key, key.public_key()))
+        )
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        node_id = stub.RegisterNode(RegisterNodeFleetRequest(public_key=pem)).node_id
+        yield link, scn, stub, pem, node_id
     assert not link.process.alive()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    with _bounded(tmp_path_factory.mktemp("fleet"), LIMIT) as (_, _, stub, _, node_id):
+        yield stub, node_id
 
 
 def _push(fleet, content: bytes, session_id: str = "") -> grpc.RpcError:
@@ -120,32 +129,9 @@ def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp
     from fedsim.engine.screening import REJECTED
 
     limit = 64 * 1024
-    port = free_port()
-    scn = load_scenario(
-        None,
-        [
-            "simulation.engine=deployment",
-            "deployment.insecure=true",
-            f"deployment.fleet_address=127.0.0.1:{port}",
-        ],
-    )
-    with (
-        SuperLink(scn.deployment, tmp_path, limit) as link,
-        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
-    ):
-        key = ec.generate_private_key(ec.SECP384R1())
-        stub = FleetStub(
-            grpc.intercept_channel(channel, NodeAuthClientInterceptor(key, key.public_key()))
-        )
-        pem = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        stub.RegisterNode(RegisterNodeFleetRequest(public_key=pem))
-        node = Node(
-            node_id=stub.ActivateNode(
-                ActivateNodeRequest(public_key=pem, heartbeat_interval=30)
-            ).node_id
-        )
+    with _bounded(tmp_path, limit) as (link, scn, stub, pem, _):
+        activated = stub.ActivateNode(ActivateNodeRequest(public_key=pem, heartbeat_interval=30))
+        node = Node(node_id=activated.node_id)
         with DeployedRun(
             link.http_address,
             scn.model_dump_json(),

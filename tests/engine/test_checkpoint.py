@@ -4,6 +4,7 @@ with one line; kill -9 of a worker fails only its clients."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -352,36 +353,9 @@ def test_what_is_not_an_unfinished_run_is_refused(tmp_path, capsys, uninterrupte
     assert "is an unfinished run" in line and "--resume" in line
 
 
-def test_a_folder_in_use_is_refused(tmp_path, capsys, stopped, monkeypatch):
-    monkeypatch.setattr("fedsim.results.RELEASE_WAIT_S", 0.5)
-    inc = _copy(stopped, tmp_path)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            f"fd = os.open({str(inc / '.fedsim-run')!r}, os.O_RDWR)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(60)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert "in use by a running fedsim" in _refused(capsys, "--resume", str(inc))
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_a_lock_let_go_within_the_wait_is_taken(tmp_path):
-    # (a run that just died can live on for a moment in processes it forked)
-    from fedsim.errors import ScenarioError
-    from fedsim.results import _lock
-
-    marker = tmp_path / ".fedsim-run"
+@contextlib.contextmanager
+def _held(marker: Path, seconds: float):
+    """Another process holding ``marker``'s lock for ``seconds`` (then exiting)."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -390,19 +364,36 @@ def test_a_lock_let_go_within_the_wait_is_taken(tmp_path):
             f"fd = os.open({str(marker)!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\n"
-            "time.sleep(1.5)\n",
+            f"time.sleep({seconds})\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ScenarioError, match="in use"):
-            _lock(marker)
-        os.close(_lock(marker, wait_s=30))
+        yield
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_folder_in_use_is_refused(tmp_path, capsys, stopped, monkeypatch):
+    monkeypatch.setattr("fedsim.results.RELEASE_WAIT_S", 0.5)
+    inc = _copy(stopped, tmp_path)
+    with _held(inc / ".fedsim-run", 60):
+        assert "in use by a running fedsim" in _refused(capsys, "--resume", str(inc))
+
+
+def test_a_lock_let_go_within_the_wait_is_taken(tmp_path):
+    # (a run that just died can live on for a moment in processes it forked)
+    from fedsim.errors import ScenarioError
+    from fedsim.results import _lock
+
+    marker = tmp_path / ".fedsim-run"
+    with _held(marker, 1.5):
+        with pytest.raises(ScenarioError, match="in use"):
+            _lock(marker)
+        os.close(_lock(marker, wait_s=30))
 
 
 # ----------------------------------------------------------------- real processes
