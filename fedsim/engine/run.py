@@ -95,6 +95,7 @@ class Engine:
         self.fit = 0
         self._superlink: SuperLink | None = None
         self._fed = fed  # (its reply limit bounds what the SuperLink takes from a node)
+        self._reply_limit: int | None = None  # (computed once: it builds the model)
 
     def __enter__(self) -> Engine:
         sim = self.scn.simulation
@@ -102,8 +103,8 @@ class Engine:
             if self._grid is None:
                 if self._fed is None:
                     raise ValueError("a deployment's Engine needs the federation (fed=)")
-                limit = reply_limit(self.scn, self._fed)
-                self._superlink = start_superlink(self.scn, self.timings, limit)
+                self._reply_limit = reply_limit(self.scn, self._fed)
+                self._superlink = start_superlink(self.scn, self.timings, self._reply_limit)
             return self
         self._started, self.timings["ray_start_s"] = start_ray(address=sim.ray_address)
         try:
@@ -222,15 +223,15 @@ class Engine:
             with quiet_flower():
                 app(self._grid, context)
             return self._finish(outcome)
-        link = self._superlink
-        assert link is not None
+        link, limit = self._superlink, self._reply_limit
+        assert link is not None and limit is not None  # (both set on entering)
         with (
             DeployedRun(
                 link.http_address,
                 self.scn.model_dump_json(),
                 insecure=link.insecure,
                 root_certificates=link.root_certificates,
-                max_reply_bytes=reply_limit(self.scn, fed),
+                max_reply_bytes=limit,
                 max_pull_s=self.scn.deployment.round_timeout_s,
             ) as run,
             quiet_flower(),
