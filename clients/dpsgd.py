@@ -25,9 +25,10 @@ gradients (for a linear layer, ||a_i|| ||g_i||). Two forms:
 Both give the clipped sum of Opacus's classic ``GradSampleModule`` (to float rounding:
 3e-8 in the tests). The noise and the step are Opacus's ``DPOptimizerFastGradientClipping``
 (less a deep copy of every gradient per step, same arithmetic and noise stream). On
-the ``mlp`` workload here a client's DP-SGD training costs 3.5 ms against 1.1 ms
-without DP (median of 300, one thread); 1.4 ms of it is drawing the noise (N(0, (zC)^2)
-for each of the model's 100k weights, every step), 6.2 ms with Opacus's two passes.
+the ``mlp`` workload here a client's DP-SGD training costs 3.4 ms against 1.0 ms
+without DP and 1.95 ms with the noise off (``python -m benchmarks.dpsgd_client``); the
+rest is drawing the noise (N(0, (zC)^2) for each of the model's 100k weights, every
+step). Opacus's two passes took 6.2 ms.
 
 Why Opacus: it is the field's library for per-example DP-SGD (PyTorch's own), it
 validates layers (``ModuleValidator``: BatchNorm mixes examples, so a model with it is
