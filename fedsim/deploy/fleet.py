@@ -21,12 +21,20 @@ same protocol, same TLS and node authentication) with two bounds on the Fleet AP
   at once instead of waiting out the round. An object pushed outside a session the
   SuperLink opened (which nothing could count) is refused (``FAILED_PRECONDITION``).
 
+Flower hands a reply to the coordinator as soon as its message is pushed, before its
+objects: a coordinator may have taken the reply, and be pulling its objects, when they
+are refused and dropped. The SuperLink's answer to a pull of one of them ("not found")
+then carries the refusal's reason after ``REFUSED_MARK`` in its otherwise empty
+``object_content``, and fedsim's grid records the same ``rejected:`` status from it (a
+grid that does not look there sees the object not found, as from any SuperLink).
+
 Flower's other Fleet API (``--fleet-api-type grpc-adapter``) is refused here: its
 servicer is not the one bounded.
 
 The bounds are put in place by replacing two names in
 ``flwr.superlink.cli.flower_superlink``: its ``GRPC_MAX_MESSAGE_LENGTH`` (used only for
-the Fleet API's servers) and its ``FleetServicer`` (by a subclass that counts). A Flower
+the Fleet API's servers) and its ``FleetServicer`` (by a subclass that counts), and the
+runtime API's ``pull_object`` handler by one that names refused objects. A Flower
 without them is refused here rather than run unbounded.
 """
 
@@ -39,11 +47,36 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CHUNK_BYTES", "main", "patch"]
+__all__ = ["CHUNK_BYTES", "REFUSED_MARK", "main", "patch"]
 
 CHUNK_BYTES = 5 * 1024 * 1024  # Flower's largest array chunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 FRAMING_BYTES = 64 * 1024  # a request's own fields around the bytes it carries
 REFUSED_AT_SUPERLINK = "refused at the SuperLink"
+# (no object's content starts with a NUL: Flower's begin with their class's name)
+REFUSED_MARK = b"\0fedsim:refused\0"
+
+
+class _Refused:
+    """The objects of refused replies, by id, with the reason (kept as long as a reply's
+    count is), for the runtime API's answer to a coordinator pulling one of them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reasons: dict[str, tuple[str, float]] = {}
+
+    def add(self, object_ids: list[str], reason: str) -> None:
+        with self._lock:
+            self._reasons.update((o, (reason, time.monotonic())) for o in object_ids)
+
+    def forget_older(self, than: float) -> None:
+        with self._lock:
+            for o in [o for o, (_, t) in self._reasons.items() if t < than]:
+                del self._reasons[o]
+
+    def reason(self, object_id: str) -> str | None:
+        with self._lock:
+            found = self._reasons.get(object_id)
+        return None if found is None else found[0]
 
 
 @dataclass
@@ -52,6 +85,7 @@ class _Reply:
     message (to answer with an error in its place) and the bytes its objects brought."""
 
     message: Any
+    objects: list[str] = field(default_factory=list)  # its object tree's ids, its own first
     held: int = 0
     refused: bool = False
     seen: float = field(default_factory=time.monotonic)
@@ -62,14 +96,16 @@ def grpc_limit(max_message_bytes: int) -> int:
     return max_message_bytes + CHUNK_BYTES + FRAMING_BYTES
 
 
-def bounded_servicer(base: type, max_message_bytes: int) -> type:
-    """``base`` (Flower's ``FleetServicer``) refusing replies over ``max_message_bytes``."""
+def bounded_servicer(base: type, max_message_bytes: int, refused: _Refused) -> type:
+    """``base`` (Flower's ``FleetServicer``) refusing replies over ``max_message_bytes``
+    (and adding their objects to ``refused``)."""
     import grpc
     from flwr.app import Error, Metadata
     from flwr.app.message import make_message
     from flwr.common.serde import message_from_proto
     from flwr.supercore.constant import OBJECT_PUSH_SESSION_TTL_SECONDS
     from flwr.supercore.date import now
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 
     from fedsim.engine.screening import REJECTED, REJECTED_PREFIX
 
@@ -99,8 +135,13 @@ def bounded_servicer(base: type, max_message_bytes: int) -> type:
                     del self._replies[k]
                 for sid in [s for s, (r, _) in self._sessions.items() if r.seen < old]:
                     del self._sessions[sid]
+                refused.forget_older(old)
                 reply = self._replies.setdefault(key, _Reply(msg))
                 reply.message, reply.seen = msg, time.monotonic()
+                trees = request.message_object_trees
+                reply.objects = (
+                    [t.object_id for t in iterate_object_tree(trees[0])] if trees else []
+                )
             if reply.refused:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
             res = super().PushMessages(request, context)
@@ -133,6 +174,7 @@ def bounded_servicer(base: type, max_message_bytes: int) -> type:
                     else "an object push outside a session this SuperLink opened",
                 )
             if refuse:  # (the push that passed the limit: once per reply)
+                refused.add(reply.objects, reason)
                 self._refuse(request.session_id, reply.message)
             if reply.refused:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -161,10 +203,10 @@ def bounded_servicer(base: type, max_message_bytes: int) -> type:
                 error=Error(code=REJECTED, reason=reason),
             )
             error.metadata.__dict__["_message_id"] = error.object_id
+            # (None: the coordinator took the reply already, and its pull of the dropped
+            # objects names the refusal; or the instruction expired, and it lapses)
             if state.store_message_res(error) is not None:
                 state._store_generated_message(error)
-            else:  # (its instruction expired meanwhile: the coordinator sees it lapse)
-                print("fedsim: the refused reply's error reply was not stored", file=sys.stderr)
 
     BoundedFleetServicer.__qualname__ = BoundedFleetServicer.__name__ = "BoundedFleetServicer"
     return BoundedFleetServicer
@@ -183,13 +225,33 @@ def patch(max_message_bytes: int) -> bool:
     ):
         return False
     from flwr.server.superlink.linkstate import InMemoryLinkState, SqlLinkState
+    from flwr.superlink import main as superlink_main
+    from flwr.superlink.servicer.runtime import runtime_handlers
 
     needed = ("_cleanup_push_session", "_store_generated_message", "store_message_res")
     if not all(hasattr(c, m) for c in (InMemoryLinkState, SqlLinkState) for m in needed):
         return False
+    # (the runtime API calls the handler by its name on this module, for every request)
+    if getattr(superlink_main, "_RUNTIME_HANDLERS", None) is not runtime_handlers:
+        return False
+    refused = _Refused()
     fs.GRPC_MAX_MESSAGE_LENGTH = grpc_limit(max_message_bytes)
-    fs.FleetServicer = bounded_servicer(FleetServicer, max_message_bytes)
+    fs.FleetServicer = bounded_servicer(FleetServicer, max_message_bytes, refused)
+    runtime_handlers.pull_object = _naming_refused(runtime_handlers.pull_object, refused)
     return True
+
+
+def _naming_refused(pull_object: Any, refused: _Refused) -> Any:
+    """The runtime API's ``pull_object`` handler, whose "not found" for an object of a
+    refused reply carries the reason (see the module's doc)."""
+
+    def pull_object_naming_refused(request: Any, state: Any, task: Any) -> Any:
+        res = pull_object(request, state, task)
+        if not res.object_found and (reason := refused.reason(request.object_id)):
+            res.object_content = REFUSED_MARK + reason.encode()
+        return res
+
+    return pull_object_naming_refused
 
 
 def main(argv: list[str] | None = None) -> int:

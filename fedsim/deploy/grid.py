@@ -6,6 +6,11 @@ reply has brought are counted as its objects arrive, and the pull stops as soon 
 pass ``max_reply_bytes``: the reply becomes an error ``exceeds the limit`` (a
 ``rejected:`` status in ``participation.csv``), so the coordinator never holds more than
 the limit plus the objects in flight (two chunks) for a reply.
+
+fedsim's SuperLink (``fedsim.deploy.fleet``) refuses a reply over its own limit as its
+node pushes it; when this grid had already taken the reply, the objects it is pulling
+are gone, and the SuperLink's "not found" names the refusal: the reply becomes the same
+``rejected:`` error that the SuperLink stores when the refusal comes first.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid
 
+from fedsim.deploy.fleet import REFUSED_MARK
 from fedsim.engine.screening import REJECTED, REJECTED_PREFIX
 
 __all__ = ["BoundedHttpGrid"]
@@ -38,6 +44,12 @@ __all__ = ["BoundedHttpGrid"]
 
 class _TooLarge(ObjectPullError):
     pass
+
+
+class _RefusedAtSuperLink(ObjectPullError):
+    def __init__(self, object_id: str, reason: str) -> None:
+        super().__init__(object_id, reason)
+        self.reason = reason
 
 
 class BoundedHttpGrid(HttpGrid):
@@ -73,8 +85,17 @@ class BoundedHttpGrid(HttpGrid):
         run_id = cast(Run, self._run).run_id
         client = self._runtime_client
         res = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
+
+        def pull_object(request: Any) -> Any:
+            got = client.PullObject(request)
+            if not got.object_found and got.object_content.startswith(REFUSED_MARK):
+                said = got.object_content[len(REFUSED_MARK) :][:500].decode(errors="replace")
+                reason = said if said.startswith(REJECTED_PREFIX) else REJECTED_PREFIX + said
+                raise _RefusedAtSuperLink(request.object_id, reason)
+            return got
+
         fetch = make_pull_object_fn_protobuf(
-            pull_object_protobuf=client.PullObject, node=self.node, run_id=run_id
+            pull_object_protobuf=pull_object, node=self.node, run_id=run_id
         )
         out: list[Message] = []
         for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
@@ -104,6 +125,9 @@ class BoundedHttpGrid(HttpGrid):
                     "bytes (refused while it arrived)"
                 )
                 out.append(self._error(run_id, reply_to, REJECTED, reason))
+                continue
+            except _RefusedAtSuperLink as e:
+                out.append(self._error(run_id, reply_to, REJECTED, e.reason))
                 continue
             except ObjectPullError as e:
                 reason = f"the reply's objects are unavailable: {e}"

@@ -11,7 +11,9 @@ objects past the limit is refused in a real run by tests/deploy/test_deployment.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from typing import Any
 
 import grpc
 import numpy as np
@@ -105,13 +107,18 @@ def test_a_chunk_of_flowers_size_fits_the_bound():
     assert grpc_limit(0) > CHUNK_BYTES >= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 
-def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp_path):
+@pytest.mark.parametrize("taken", ["after", "while pushed"])
+def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp_path, taken):
     """A real run on the bounded SuperLink: the coordinator's grid sends an instruction,
     a node (this test, with Flower's own protocol) pushes a 160 KB reply in 40 arrays
     against a 64 KiB limit, most of it in one push session and the rest in another (a
     new session must not start a new count). The object that passes the limit is
-    refused, and so is pushing the reply again; the coordinator pulls an error reply
-    in its place that names the limit."""
+    refused, and so is pushing the reply again. The coordinator gets an error reply
+    that names the limit, whether it takes the reply after the refusal (the SuperLink
+    stored the error in its place) or "while pushed": Flower hands over a reply as soon
+    as its message is pushed, so the grid is pulling the reply's objects when they are
+    refused and dropped (the SuperLink's "not found" then names the refusal)."""
+
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.common.serde import message_from_proto, message_to_proto
     from flwr.proto.fleet_pb2 import (
@@ -158,9 +165,10 @@ def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp
             tree = get_object_tree(reply)
             objects = {k: o.deflate() for k, o in get_all_nested_objects(reply).items()}
 
-            def push_reply(most: int = 10**9) -> int:
-                """Push the reply's missing objects (stopping before ``most`` bytes);
-                the bytes pushed."""
+            def push_reply(most: int = 10**9, then: Any = None) -> int:
+                """Push the reply's missing objects, stopping before ``most`` bytes (or
+                calling ``then`` there and going on in the same session); the bytes
+                pushed."""
                 res = stub.PushMessages(
                     PushMessagesRequest(
                         node=node,
@@ -172,7 +180,9 @@ def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp
                 for t in iterate_object_tree(tree):
                     if t.object_id in res.objects_to_push:
                         if pushed + len(objects[t.object_id]) > most:
-                            break
+                            if then is None:
+                                break
+                            then, most = then(), 10**9
                         pushed += len(objects[t.object_id])
                         stub.PushObject(
                             PushObjectRequest(
@@ -185,21 +195,47 @@ def test_a_reply_pushed_past_the_limit_is_refused_and_answered_with_an_error(tmp
                         )
                 return pushed
 
-            # Most of the limit in one session, then the rest in a new one: counted as one.
-            assert limit - 6000 < push_reply(limit - 1000) <= limit - 1000
+            def take() -> list[Message]:
+                for _ in range(50):
+                    if replies := grid.pull_messages([sent]):
+                        return replies
+                    time.sleep(0.1)
+                return []
+
+            got: list[list[Message]] = []
+            taker = threading.Thread(target=lambda: got.append(take()))
+
+            def hand_over() -> None:
+                """Let the grid take the reply; return once it pulls its objects."""
+                asked, pull = threading.Event(), grid._runtime_client.PullObject
+
+                def pull_object(request: Any) -> Any:
+                    asked.set()
+                    return pull(request)
+
+                grid._runtime_client.PullObject = pull_object
+                taker.start()
+                assert asked.wait(30)
+
             with pytest.raises(grpc.RpcError) as err:
-                push_reply(limit - 1000)
+                if taken == "after":
+                    # Most of the limit in one session, the rest in a new one: one count.
+                    assert limit - 6000 < push_reply(limit - 1000) <= limit - 1000
+                    push_reply(limit - 1000)
+                else:
+                    push_reply(limit - 1000, then=hand_over)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "exceeds the limit of 65536 bytes" in err.value.details()
             with pytest.raises(grpc.RpcError) as again:
                 push_reply()
             assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            replies = []
-            for _ in range(50):
-                replies = grid.pull_messages([sent])
-                if replies:
-                    break
-                time.sleep(0.1)
+            if taken == "while pushed":
+                taker.join(60)
+                (replies,) = got
+            else:
+                replies = take()
             (answer,) = replies
             assert answer.has_error() and answer.error.code == REJECTED
-            assert answer.error.reason.endswith("(refused at the SuperLink)")
+            assert answer.error.reason == (
+                "rejected: reply exceeds the limit of 65536 bytes (refused at the SuperLink)"
+            )
