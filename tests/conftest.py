@@ -40,6 +40,23 @@ def _ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def must_exit():
+    """Processes a test expects to exit on their own by a deadline (say, Ray's agents,
+    which try for 60 s to reach a killed GCS): ``must_exit(what, processes, deadline)``
+    (a ``time.monotonic()`` time). Checked when the session ends, so that the test does
+    not sit out the deadline; any still running then fails the session's teardown."""
+    import time
+
+    import psutil
+
+    waiting: list[tuple[str, list, float]] = []
+    yield lambda what, procs, deadline: waiting.append((what, procs, deadline))
+    for what, procs, deadline in waiting:
+        _, alive = psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+        assert not alive, f"{what} still running: {[(p.pid, p.name()) for p in alive]}"
+
+
 @pytest.fixture
 def ray_cluster(_ray_session):
     """A running Ray; re-started if a test (Flower's runtime) shut it down."""
