@@ -102,6 +102,10 @@ class Federation:
         idx = self.test_idx[cid]
         return self.x[idx], self.y[idx]
 
+    def train_labels(self, cid: int) -> np.ndarray:
+        """``train_data(cid)[1]`` without indexing the examples."""
+        return self.y[self.train_idx[cid]]
+
     def train_sizes(self) -> np.ndarray:
         return np.array([i.size for i in self.train_idx], dtype=np.int64)
 

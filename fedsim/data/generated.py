@@ -60,22 +60,33 @@ class GeneratedFederation:
         for a in (self.x_test, self.y_test):
             a.flags.writeable = False
 
+    def _labels(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.integers(self.num_classes, size=n, dtype=np.int64)
+
     def _draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = rng.integers(self.num_classes, size=n, dtype=np.int64)
+        y = self._labels(rng, n)  # (first: the labels alone are the stream's first draw)
         x = rng.standard_normal((n, self._centres.shape[1]), dtype=np.float32)
         x *= np.float32(self.spec.noise)
         x += self._centres[y]
         return x.reshape((n, *self.input_shape)), y
 
-    def _client(self, cid: int, part: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def _stream(self, cid: int, part: str) -> np.random.Generator:
         # Train and test parts have their own streams: evaluation never regenerates
         # the training data.
         if not 0 <= cid < self.num_clients:
             raise IndexError(f"client {cid} out of range")
-        return self._draw(np_rng(self.seed, f"data.generated.{part}", cid), n)
+        return np_rng(self.seed, f"data.generated.{part}", cid)
+
+    def _client(self, cid: int, part: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._draw(self._stream(cid, part), n)
 
     def train_data(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         return self._client(cid, "train", self.spec.samples_per_client)
+
+    def train_labels(self, cid: int) -> np.ndarray:
+        """``train_data(cid)[1]``, without drawing the examples (a client of 50 examples
+        of 784 values: 13 µs instead of 420 here)."""
+        return self._labels(self._stream(cid, "train"), self.spec.samples_per_client)
 
     def test_data(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         return self._client(cid, "test", self.spec.test_samples_per_client)

@@ -69,7 +69,7 @@ def partition_summary(fed: AnyFederation) -> dict[str, Any]:
     test_sizes = fed.test_sizes()
     clients = []
     for i in ids.tolist():
-        _, y = fed.train_data(i)
+        y = fed.train_labels(i)
         clients.append(
             {
                 "client_id": i,

@@ -80,6 +80,7 @@ def test_partition_summary_is_json_ready() -> None:
         assert (
             client["label_histogram"] == np.bincount(fed.y[fed.train_idx[i]], minlength=10).tolist()
         )
+        assert np.array_equal(fed.train_labels(i), fed.train_data(i)[1])
 
 
 def test_federation_checks_shapes() -> None:
