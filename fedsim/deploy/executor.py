@@ -38,7 +38,11 @@ IDLE_POLL_S = 0.5  # with one: how often to ask all the same
 RECEIVED = "Received successfully"  # what Flower 1.39's SuperNode logs per message
 
 
-def _client(address: str, *, token: str | None = None, component: str) -> object:
+def _client(
+    address: str, *, token: str | None = None, component: str, retry: bool = True
+) -> object:
+    """A client of the SuperNode's runtime API; with ``retry``, its calls ride out the
+    SuperNode's absence with Flower's backoff (up to 10 s between tries), for ever."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -54,7 +58,7 @@ def _client(address: str, *, token: str | None = None, component: str) -> object
         insecure=True,
         root_certificates=None,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=make_simple_http_retry_invoker() if retry else None,
     )
 
 
@@ -105,7 +109,9 @@ def serve_tasks(
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
 
-    client = _client(address, component="SuperExec")
+    # (no retry of its own: this loop retries, and sees ``stop`` between tries, where
+    # Flower's backoff held a stopping node for up to 5 s more once its SuperNode was gone)
+    client = _client(address, component="SuperExec", retry=False)
     try:
         while not stop.is_set():
             if wake is not None:

@@ -1,5 +1,6 @@
 """``fedsim node`` reads its SuperNode's output (Flower 1.39's own lines) for refusals
-and for the two ways it was seen stuck after losing its SuperLink."""
+and for the two ways it was seen stuck after losing its SuperLink; its executor stops
+at once when asked, SuperNode or not."""
 
 from __future__ import annotations
 
@@ -65,3 +66,26 @@ def test_the_lines_watched_for_are_flowers_own():
     assert GAVE_UP in inspect.getsource(retry)
     assert STALE_ID in inspect.getsource(auth)
     assert LINK_CLOSED == "StatusCode.CANCELLED"
+
+
+def test_the_executor_stops_at_once_while_its_supernode_is_gone():
+    """Its idle loop retries the SuperNode's runtime API itself and sees ``stop``
+    between tries (Flower's retrying client held it in a backoff of up to 10 s: a
+    stopped ``fedsim node`` whose SuperNode had gone took 4-6 s more to exit)."""
+    import threading
+    import time
+
+    from flwr.clientapp import ClientApp
+
+    from fedsim.deploy.executor import serve_tasks
+    from fedsim.deploy.processes import free_port
+
+    stop = threading.Event()
+    t = threading.Thread(
+        target=serve_tasks, args=(f"127.0.0.1:{free_port()}", ClientApp(), stop), daemon=True
+    )
+    t.start()
+    time.sleep(3.0)  # (nothing listens there: Flower's backoff would be 2-4 s by now)
+    stop.set()
+    t.join(timeout=2.0)
+    assert not t.is_alive()
