@@ -175,19 +175,29 @@ def summarise(workload: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str,
         row[f"{name}_peak_tree_mb"] = _median(rs, "peak_tree_mb")
         row[f"{name}_peak_driver_mb"] = _median(rs, "peak_driver_mb")
         row[f"{name}_runs"] = len(rs)
+    # A ratio is the median over repetitions of the ratio within each: a repetition's
+    # contenders run next to each other, so a slow spell of the machine (fedsim's round
+    # times varied by 20% from one run to the next here) weighs on both sides of it.
     if "pure" in runs and "fedsim" in runs:
         workers = max(1, int(_median(runs["fedsim"], "workers")))
         row["workers"] = workers
         row["ideal_s"] = row["pure_steady_s"] / workers
-        row["fedsim_over_ideal"] = row["fedsim_steady_s"] / row["ideal_s"]
+        row["fedsim_over_ideal"] = _ratio(runs["fedsim"], runs["pure"]) * workers
     if "pure2" in runs and "fedsim" in runs:
         row["floor_s"] = row["pure2_steady_s"]
-        row["fedsim_over_floor"] = row["fedsim_steady_s"] / row["floor_s"]
-        if "ideal_s" in row:
-            row["floor_over_ideal"] = row["floor_s"] / row["ideal_s"]
+        row["fedsim_over_floor"] = _ratio(runs["fedsim"], runs["pure2"])
+        if "pure" in runs:
+            row["floor_over_ideal"] = _ratio(runs["pure2"], runs["pure"]) * row["workers"]
     if "flower" in runs and "fedsim" in runs:
-        row["flower_over_fedsim"] = row["flower_steady_s"] / row["fedsim_steady_s"]
+        row["flower_over_fedsim"] = _ratio(runs["flower"], runs["fedsim"])
     return row
+
+
+def _ratio(top: list[dict[str, Any]], bottom: list[dict[str, Any]]) -> float:
+    """The median over repetitions of ``top``'s steady round time over ``bottom``'s."""
+    return statistics.median(
+        t["steady_s"] / b["steady_s"] for t, b in zip(top, bottom, strict=True)
+    )
 
 
 def paired_ratio(raw: dict[str, dict[str, list[dict[str, Any]]]], name: str) -> float | None:
@@ -197,9 +207,7 @@ def paired_ratio(raw: dict[str, dict[str, list[dict[str, Any]]]], name: str) -> 
     runs, base_runs = raw.get(name, {}).get("fedsim"), raw.get(base or "", {}).get("fedsim")
     if not runs or not base_runs:
         return None
-    return statistics.median(
-        r["steady_s"] / b["steady_s"] for r, b in zip(runs, base_runs, strict=True)
-    )
+    return _ratio(runs, base_runs)
 
 
 def derive(

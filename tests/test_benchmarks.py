@@ -58,3 +58,36 @@ def test_paired_workloads_run_next_to_their_base_in_alternating_order(monkeypatc
     }
     assert paired_ratio(raw, "tiny-dp") == 1.1
     assert paired_ratio(raw, "mlp-dpsgd") is None
+
+
+def test_a_workloads_ratios_are_medians_of_each_repetitions_ratio(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    from benchmarks.run import summarise
+
+    def runs(*steady: float) -> list[dict]:
+        keys = ("first_s", "ray_start_s", "peak_tree_mb", "peak_driver_mb")
+        return [{"steady_s": s, "workers": 2, **dict.fromkeys(keys, 1.0)} for s in steady]
+
+    # A slow spell in repetition 2 slows both; the ratio of medians would say 1.8 / 1.0.
+    row = summarise(
+        "tiny-100of1k",
+        {"pure": runs(2.0, 4.0, 1.0), "pure2": runs(1.0, 2.0, 0.5), "fedsim": runs(1.5, 3.0, 1.8)},
+    )
+    assert row["fedsim_over_ideal"] == 1.5 and row["fedsim_over_floor"] == 1.5
+    assert row["floor_over_ideal"] == 1.0 and row["ideal_s"] == 1.0
+
+
+def test_the_per_client_scripts_run_and_print_their_numbers():
+    # (benchmarks/README.md quotes them: they must keep running)
+    repo = Path(__file__).resolve().parents[1]
+    for args, words in (
+        (["benchmarks.client_overhead", "--phases", "1", "--items"], ["training, worker", "fold"]),
+        (["benchmarks.dpsgd_client", "--reps", "3"], ["dp-sgd"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=repo
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(w in proc.stdout for w in words), proc.stdout
