@@ -103,7 +103,9 @@ def _client_data(env: _Env, context: Context, cid: int, *, train: bool) -> tuple
 
 
 def _load_arrays(env: _Env, msg: Message) -> None:
-    record = msg.content.array_records["arrays"]
+    record = msg.content.get("arrays")  # (not array_records: see instruction_config)
+    if not isinstance(record, ArrayRecord):
+        raise KeyError("the instruction carries no ArrayRecord 'arrays'")
     # Every message of a batch carries the same ArrayRecord object (the global model):
     # deserialise it once per batch, not once per client.
     if env.last_record is not record:

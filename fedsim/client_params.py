@@ -50,7 +50,10 @@ DROPOUT_KEY = "fedsim-dropout"  # the plan has this client drop out: its ClientA
 
 def instruction_config(msg: Message) -> ConfigRecord:
     """The ConfigRecord of a client's instruction (empty if it has none)."""
-    return msg.content.config_records.get("config", ConfigRecord())
+    # (not ``content.config_records``: Flower builds and checks a new view of the
+    # content's records on every call, 6 µs where this takes 0.2)
+    rec = msg.content.get("config")
+    return rec if isinstance(rec, ConfigRecord) else ConfigRecord()
 
 
 def round_of(config: ConfigRecord) -> int:

@@ -153,11 +153,11 @@ def check_update(arrays: ArrayRecord | None, base: ArrayRecord) -> Sums:
         update = update_of(arrays, base)
     except ValueError as exc:  # bytes that do not hold what the header says
         raise Invalid(f"unreadable arrays: {exc}") from None
-    for key, d in update.items():
-        # One pass, no allocation: a sum is finite when every term is (or overflows,
-        # and an update that large would overflow the fold too).
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = d.sum()
+    # One pass, no allocation: a sum is finite when every term is (or overflows, and an
+    # update that large would overflow the fold too).
+    with np.errstate(over="ignore", invalid="ignore"):
+        totals = [(key, d, d.sum()) for key, d in update.items()]
+    for key, d, total in totals:
         if not math.isfinite(total):
             what = "non-finite values" if not np.isfinite(d).all() else "values too large"
             raise Invalid(f"array '{key}' has {what}")
