@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from clients.behaviour import Behaviour, ClientTask
 from clients.training import pick_device
-from fedsim.arrays import to_array, torch_state
+from fedsim.arrays import record_of, to_array, torch_state
 from fedsim.attack_params import AttackParams
 from fedsim.client_params import DROPOUT_KEY, instruction_config, round_of
 from fedsim.data import AnyFederation, load_federation
@@ -117,7 +117,7 @@ def _load_arrays(env: _Env, msg: Message) -> None:
 
 
 def to_array_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: to_array(v.detach().cpu().numpy()) for k, v in state.items()})
+    return record_of({k: to_array(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
 def _crafted(
@@ -195,7 +195,7 @@ def build_client_app(spec_json: str) -> ClientApp:
         if out.arrays is None:
             arrays = to_array_record(env.model.state_dict())
         else:
-            arrays = ArrayRecord({k: to_array(np.asarray(v)) for k, v in out.arrays.items()})
+            arrays = record_of({k: to_array(np.asarray(v)) for k, v in out.arrays.items()})
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 

@@ -52,6 +52,15 @@ def to_array(a: np.ndarray) -> Array:
     )
 
 
+def record_of(arrays: dict[str, Array]) -> ArrayRecord:
+    """``ArrayRecord(arrays)`` holding these very Arrays: Flower's constructor copies
+    each Array first (13 µs against 4 for a record of two)."""
+    record = ArrayRecord()
+    for key, arr in arrays.items():
+        record[key] = arr
+    return record
+
+
 def conform(record: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     """``record`` with each array in the dtype of ``like``'s array of that name (the
     record itself when every dtype already matches). A strategy that computes in float64

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.constant import ErrorCode
 
-from fedsim.arrays import to_array
+from fedsim.arrays import record_of, to_array
 from fedsim.client_params import instruction_config, round_of
 from fedsim.engine.fold import Sums, apply_update, array_record, records, update_of, with_model
 from fedsim.engine.validation import ReplyLimits, check_metrics, check_update
@@ -127,7 +127,7 @@ def screened(
     if update is None or not chains.update:
         return reply
     base = array_record(msg.content)
-    arrays = ArrayRecord({k: to_array(apply_update(base[k], d)) for k, d in update.items()})  # type: ignore[index]
+    arrays = record_of({k: to_array(apply_update(base[k], d)) for k, d in update.items()})  # type: ignore[index]
     reply.content = with_model(reply.content, arrays)
     return reply
 
@@ -190,4 +190,4 @@ def finish_model(
     update = chains.finish(
         update_of(after, before), server_round=server_round, weight=weight, config=config
     )
-    return ArrayRecord({k: to_array(apply_update(before[k], d)) for k, d in update.items()})
+    return record_of({k: to_array(apply_update(before[k], d)) for k, d in update.items()})

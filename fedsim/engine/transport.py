@@ -24,6 +24,7 @@ import numpy as np
 import ray
 from flwr.app import Array, ArrayRecord, Message
 
+from fedsim.arrays import record_of
 from fedsim.engine.fold import array_record
 
 Batch = list[tuple[int, Message]]  # (client id, instruction)
@@ -65,7 +66,7 @@ def pack_record(record: ArrayRecord) -> PackedRecord:
 
 
 def _unpack_record(packed: PackedRecord) -> ArrayRecord:
-    return ArrayRecord(
+    return record_of(
         {
             k: Array(dtype=dtype, shape=shape, stype=stype, data=data.tobytes())
             for k, dtype, shape, stype, data in packed
