@@ -56,39 +56,43 @@ REFUSED_AT_SUPERLINK = "refused at the SuperLink"
 REFUSED_MARK = b"\0fedsim:refused\0"
 
 
-class _Refused:
-    """The objects of refused replies, by id, with the reason (kept as long as a reply's
-    count is), for the runtime API's answer to a coordinator pulling one of them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reasons: dict[str, tuple[str, float]] = {}
-
-    def add(self, object_ids: list[str], reason: str) -> None:
-        with self._lock:
-            self._reasons.update((o, (reason, time.monotonic())) for o in object_ids)
-
-    def forget_older(self, than: float) -> None:
-        with self._lock:
-            for o in [o for o, (_, t) in self._reasons.items() if t < than]:
-                del self._reasons[o]
-
-    def reason(self, object_id: str) -> str | None:
-        with self._lock:
-            found = self._reasons.get(object_id)
-        return None if found is None else found[0]
-
-
 @dataclass
 class _Reply:
     """A reply being pushed, over every push session its node opened for it: its
     message (to answer with an error in its place) and the bytes its objects brought."""
 
     message: Any
-    objects: list[str] = field(default_factory=list)  # its object tree's ids, its own first
+    objects: frozenset[str] = frozenset()  # its object tree's ids
     held: int = 0
     refused: bool = False
     seen: float = field(default_factory=time.monotonic)
+
+
+class _Pushes:
+    """The replies being pushed, by the instruction they answer (so a node that pushes
+    one again, in a new session, goes on from the bytes so far), and the push sessions
+    open for them with the objects still to come. The Fleet servicer counts them; the
+    runtime API's ``pull_object`` names the objects of a refused one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.replies: dict[tuple[int, str], _Reply] = {}
+        self.sessions: dict[str, tuple[_Reply, set[str]]] = {}
+
+    def refused(self, object_id: str) -> bool:
+        """Whether ``object_id`` belongs to a reply refused at the limit."""
+        with self.lock:
+            return any(r.refused and object_id in r.objects for r in self.replies.values())
+
+
+def refusal(max_message_bytes: int) -> str:
+    """The error reason of a reply refused at the SuperLink."""
+    from fedsim.engine.screening import REJECTED_PREFIX
+
+    return (
+        f"{REJECTED_PREFIX}reply exceeds the limit of {max_message_bytes} bytes "
+        f"({REFUSED_AT_SUPERLINK})"
+    )
 
 
 def grpc_limit(max_message_bytes: int) -> int:
@@ -96,9 +100,9 @@ def grpc_limit(max_message_bytes: int) -> int:
     return max_message_bytes + CHUNK_BYTES + FRAMING_BYTES
 
 
-def bounded_servicer(base: type, max_message_bytes: int, refused: _Refused) -> type:
-    """``base`` (Flower's ``FleetServicer``) refusing replies over ``max_message_bytes``
-    (and adding their objects to ``refused``)."""
+def bounded_servicer(base: type, max_message_bytes: int, pushes: _Pushes) -> type:
+    """``base`` (Flower's ``FleetServicer``) refusing replies over ``max_message_bytes``,
+    counted in ``pushes``."""
     import grpc
     from flwr.app import Error, Metadata
     from flwr.app.message import make_message
@@ -107,53 +111,42 @@ def bounded_servicer(base: type, max_message_bytes: int, refused: _Refused) -> t
     from flwr.supercore.date import now
     from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 
-    from fedsim.engine.screening import REJECTED, REJECTED_PREFIX
+    from fedsim.engine.screening import REJECTED
 
-    reason = (
-        f"{REJECTED_PREFIX}reply exceeds the limit of {max_message_bytes} bytes "
-        f"({REFUSED_AT_SUPERLINK})"
-    )
+    reason = refusal(max_message_bytes)
+    replies, sessions = pushes.replies, pushes.sessions
 
     class BoundedFleetServicer(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # A reply is counted by the instruction it answers, so a node that pushes
-            # it again (Flower then opens a new session) goes on from the bytes so far.
-            self._replies: dict[tuple[int, str], _Reply] = {}
-            self._sessions: dict[str, tuple[_Reply, set[str]]] = {}  # -> objects to come
-            self._lock = threading.Lock()
-
         def PushMessages(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
             if not request.messages_list:
                 return super().PushMessages(request, context)
             msg = message_from_proto(request.messages_list[0])
             key = (msg.metadata.run_id, msg.metadata.reply_to_message_id)
-            with self._lock:
+            with pushes.lock:
                 # (a reply its node stopped pushing is forgotten with Flower's session)
                 old = time.monotonic() - 2 * OBJECT_PUSH_SESSION_TTL_SECONDS
-                for k in [k for k, r in self._replies.items() if r.seen < old]:
-                    del self._replies[k]
-                for sid in [s for s, (r, _) in self._sessions.items() if r.seen < old]:
-                    del self._sessions[sid]
-                refused.forget_older(old)
-                reply = self._replies.setdefault(key, _Reply(msg))
+                for k in [k for k, r in replies.items() if r.seen < old]:
+                    del replies[k]
+                for sid in [s for s, (r, _) in sessions.items() if r.seen < old]:
+                    del sessions[sid]
+                reply = replies.setdefault(key, _Reply(msg))
                 reply.message, reply.seen = msg, time.monotonic()
                 trees = request.message_object_trees
-                reply.objects = (
-                    [t.object_id for t in iterate_object_tree(trees[0])] if trees else []
+                reply.objects = frozenset(
+                    t.object_id for tree in trees[:1] for t in iterate_object_tree(tree)
                 )
             if reply.refused:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
             res = super().PushMessages(request, context)
             if res.session_id and res.objects_to_push:
-                with self._lock:
-                    self._sessions[res.session_id] = (reply, set(res.objects_to_push))
+                with pushes.lock:
+                    sessions[res.session_id] = (reply, set(res.objects_to_push))
             return res
 
         def PushObject(self, request: Any, context: Any) -> Any:  # noqa: N802
             refuse = False
-            with self._lock:
-                entry = self._sessions.get(request.session_id)
+            with pushes.lock:
+                entry = sessions.get(request.session_id)
                 if entry is not None:
                     reply, pending = entry
                     if not reply.refused:
@@ -163,7 +156,7 @@ def bounded_servicer(base: type, max_message_bytes: int, refused: _Refused) -> t
                         refuse = reply.refused = reply.held > max_message_bytes
                         pending.discard(request.object_id)
                         if not pending and not reply.refused:
-                            del self._sessions[request.session_id]
+                            del sessions[request.session_id]
             if entry is None:
                 # (Flower 1.39 nodes push in the sessions the SuperLink opened for them;
                 # objects pushed outside one would be counted by nothing)
@@ -174,7 +167,6 @@ def bounded_servicer(base: type, max_message_bytes: int, refused: _Refused) -> t
                     else "an object push outside a session this SuperLink opened",
                 )
             if refuse:  # (the push that passed the limit: once per reply)
-                refused.add(reply.objects, reason)
                 self._refuse(request.session_id, reply.message)
             if reply.refused:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
@@ -234,21 +226,24 @@ def patch(max_message_bytes: int) -> bool:
     # (the runtime API calls the handler by its name on this module, for every request)
     if getattr(superlink_main, "_RUNTIME_HANDLERS", None) is not runtime_handlers:
         return False
-    refused = _Refused()
+    pushes = _Pushes()
     fs.GRPC_MAX_MESSAGE_LENGTH = grpc_limit(max_message_bytes)
-    fs.FleetServicer = bounded_servicer(FleetServicer, max_message_bytes, refused)
-    runtime_handlers.pull_object = _naming_refused(runtime_handlers.pull_object, refused)
+    fs.FleetServicer = bounded_servicer(FleetServicer, max_message_bytes, pushes)
+    runtime_handlers.pull_object = _naming_refused(
+        runtime_handlers.pull_object, pushes, refusal(max_message_bytes)
+    )
     return True
 
 
-def _naming_refused(pull_object: Any, refused: _Refused) -> Any:
+def _naming_refused(pull_object: Any, pushes: _Pushes, reason: str) -> Any:
     """The runtime API's ``pull_object`` handler, whose "not found" for an object of a
-    refused reply carries the reason (see the module's doc)."""
+    refused reply carries ``reason`` (see the module's doc)."""
+    said = REFUSED_MARK + reason.encode()
 
     def pull_object_naming_refused(request: Any, state: Any, task: Any) -> Any:
         res = pull_object(request, state, task)
-        if not res.object_found and (reason := refused.reason(request.object_id)):
-            res.object_content = REFUSED_MARK + reason.encode()
+        if not res.object_found and pushes.refused(request.object_id):
+            res.object_content = said
         return res
 
     return pull_object_naming_refused
