@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_harness_smoke_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -34,11 +38,16 @@ def test_harness_smoke_prints_the_table_and_writes_json(tmp_path):
     assert doc["raw"]["smoke"]["fedsim"][0]["round_s"].__len__() == 2
 
 
-def test_paired_workloads_run_next_to_their_base_in_alternating_order(monkeypatch):
-    # (site-packages holds another top-level `benchmarks`: import the repository's)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+@pytest.fixture
+def repo_benchmarks(monkeypatch):
+    """Imports of ``benchmarks`` find the repository's (site-packages holds another
+    top-level ``benchmarks``)."""
+    monkeypatch.syspath_prepend(str(REPO))
     for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
         monkeypatch.delitem(sys.modules, mod)
+
+
+def test_paired_workloads_run_next_to_their_base_in_alternating_order(repo_benchmarks):
     from benchmarks.run import paired_ratio, schedule
     from benchmarks.workloads import WORKLOADS
 
@@ -60,10 +69,7 @@ def test_paired_workloads_run_next_to_their_base_in_alternating_order(monkeypatc
     assert paired_ratio(raw, "mlp-dpsgd") is None
 
 
-def test_a_workloads_ratios_are_medians_of_each_repetitions_ratio(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-        monkeypatch.delitem(sys.modules, mod)
+def test_a_workloads_ratios_are_medians_of_each_repetitions_ratio(repo_benchmarks):
     from benchmarks.run import summarise
 
     def runs(*steady: float) -> list[dict]:
@@ -81,13 +87,12 @@ def test_a_workloads_ratios_are_medians_of_each_repetitions_ratio(monkeypatch):
 
 def test_the_per_client_scripts_run_and_print_their_numbers():
     # (benchmarks/README.md quotes them: they must keep running)
-    repo = Path(__file__).resolve().parents[1]
     for args, words in (
         (["benchmarks.client_overhead", "--phases", "1", "--items"], ["training, worker", "fold"]),
         (["benchmarks.dpsgd_client", "--reps", "3"], ["dp-sgd"]),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=repo
+            [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=REPO
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(w in proc.stdout for w in words), proc.stdout
