@@ -20,12 +20,15 @@ def _init_ray() -> None:
 
     import ray
 
+    from fedsim.engine.ray_runtime import SYSTEM_CONFIG
+
     if not ray.is_initialized():
         ray.init(
             address="local",  # never a cluster some other test or user started
             num_cpus=2,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
+            _system_config=SYSTEM_CONFIG,  # (as fedsim starts its own)
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
