@@ -3,6 +3,8 @@ lets wait before folding them (``fedsim.engine.worker.FOLD_AFTER_BYTES``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -20,7 +22,7 @@ DROPPED = 12  # its ClientApp raises: an error reply in the middle of the batch
 @pytest.fixture(scope="module")
 def worker():
     scn = load_scenario(
-        "scenarios/bench_tiny.toml",
+        Path(__file__).parents[2] / "scenarios" / "bench_tiny.toml",
         [
             "data.num_clients=50",
             "data.samples_per_client=20",
