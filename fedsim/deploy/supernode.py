@@ -14,11 +14,16 @@ The two waits are ``time.sleep(3)`` and ``time.sleep(0.5)`` calls in
 ``flwr.supernode.start_client_internal``; that module's ``time`` is replaced by one
 whose ``sleep`` maps those two values and passes every other through. A Flower whose
 SuperNode no longer has them runs unchanged (a warning says so).
+
+``kill -USR1 PID`` makes the SuperNode print every thread's stack on its output (the
+node's log), without stopping it: what a node that stopped taking work is waiting on.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import inspect
+import signal
 import sys
 import time
 import types
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m fedsim.deploy.supernode --idle-poll S [flower-supernode args]")
         return 2
     idle = float(argv[1])
+    if hasattr(signal, "SIGUSR1"):  # (POSIX)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not patch(idle):
         print(
             "fedsim: this Flower's SuperNode does not wait as 1.39's does; its own idle "

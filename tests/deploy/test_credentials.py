@@ -181,3 +181,38 @@ def test_the_supernodes_idle_wait_is_shortened_in_the_pinned_flower():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_sigusr1_prints_the_supernodes_stacks_and_it_goes_on(tmp_path):
+    """``kill -USR1`` on a SuperNode of fedsim node's prints every thread's stack on its
+    output (how to see what a node that stopped taking work waits on), and the SuperNode
+    keeps running. (It dials a port where nothing listens: it retries for ever.)"""
+    import os
+    import signal
+    import time
+
+    from fedsim.deploy.processes import free_port
+
+    log = tmp_path / "supernode.log"
+    argv = [sys.executable, "-m", "fedsim.deploy.supernode", "--idle-poll", "0.5"]
+    argv += ["--insecure", "--superlink", f"127.0.0.1:{free_port()}"]
+    argv += ["--port", str(free_port())]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Connection attempt failed" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while "most recent call first" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text(errors="replace")
+        assert "Current thread" in text and "start_client_internal" in text, text[-3000:]
+        time.sleep(1)
+        assert proc.poll() is None, "the SuperNode ended after SIGUSR1"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

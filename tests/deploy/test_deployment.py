@@ -174,6 +174,7 @@ def deployed(tmp_path_factory, _ray_session):
         hosts.cut("d-node1", 1)
         time.sleep(CUT_S)
         hosts.mend("d-node1", 1)
+        out["e_node1_stacks"] = _stacks_if_idle(hosts, "d-node1", run_e, after_s=30)
         finish("e", run_e)
 
         # 6. Ctrl-C in the coordinator's terminal (SIGINT to its process group), then
@@ -194,6 +195,41 @@ def deployed(tmp_path_factory, _ray_session):
     out["sim"] = execute(load_scenario(None, [*BASE, "run.rounds=2"]), out=work / "sim").out_dir
     out["c2_sim"] = execute(load_scenario(None, [*BASE, *FAULTY]), out=work / "c2-sim").out_dir
     return out
+
+
+def _stacks_if_idle(hosts: Hosts, name: str, run, after_s: float) -> str:
+    """If node ``name`` takes no message for ``after_s`` while ``run`` goes on, its
+    SuperNode's thread stacks (SIGUSR1, fedsim.deploy.supernode): what it waits on."""
+    seen = len(hosts.log(name))
+    deadline = time.monotonic() + after_s
+    while run.poll() is None and time.monotonic() < deadline:
+        if "Receiving" in hosts.log(name)[seen:]:
+            return ""
+        time.sleep(0.5)
+    if run.poll() is not None:
+        return ""
+    pids = [p for p in hosts.running("fedsim.deploy.supernode") if p in _group(hosts, name)]
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(2)
+    return (
+        f"SuperNode {pids} took no message {after_s:.0f} s after the mend:\n"
+        + hosts.log(name)[seen:][-6000:]
+    )
+
+
+def _group(hosts: Hosts, name: str) -> set[int]:
+    """Pids in the process group of ``name`` (its fedsim node and that node's children)."""
+    pgid = hosts.procs[name].pid
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # (state, ppid, pgrp)
+            found.add(int(stat.parent.name))
+    return found
 
 
 def _port() -> int:
@@ -286,7 +322,7 @@ def test_a_node_cut_off_the_network_drops_only_its_replies_and_reconnects(deploy
     cut = [r for r in range(k + 1, ROUNDS_E + 1) if status[(r, 1)] == "dropped"]
     assert cut and cut[0] <= k + 2, status
     back = [r for r in range(cut[-1] + 1, ROUNDS_E + 1) if status[(r, 1)] == "aggregated"]
-    assert back, f"node 1 never came back: {status}"
+    assert back, f"node 1 never came back: {status}\n{deployed['e_node1_stacks']}"
     assert all(status[(r, c)] == "aggregated" for r in range(1, ROUNDS_E + 1) for c in (0, 2))
 
 
