@@ -94,11 +94,30 @@ def run_task(address: str, token: str, app: ClientApp) -> bool:
         try:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
+        except Exception as ex:  # (not the client's fault: the task ends, the node goes on)
+            # Seen: a reply that comes after its instruction's time to live (a client
+            # slower than the round timeout, or cut off the network for a while): the
+            # SuperLink no longer wants it, the SuperNode has let the message go, and
+            # the reply's objects have nowhere to go.
+            status, details = SubStatus.FAILED, f"the reply could not be handed over: {ex}"
+            log.warning("fedsim node: %s", _reply_lost(message, ex))
         finally:
             beat.stop()
-            push_task_output(client, context, status, details)
+            try:
+                push_task_output(client, context, status, details)
+            except Exception as ex:
+                log.warning("fedsim node: the task's end could not be reported: %s", ex)
             client.close()
     return status == SubStatus.COMPLETED
+
+
+def _reply_lost(message: Message | None, ex: Exception) -> str:
+    what = "a reply" if message is None else f"the reply to a {message.metadata.message_type}"
+    return (
+        f"{what} message could not be handed to the SuperNode ({type(ex).__name__}: {ex}); "
+        "a reply that comes after its instruction's time to live (the round timeout) is "
+        "not wanted any more"
+    )
 
 
 def serve_tasks(
@@ -125,7 +144,12 @@ def serve_tasks(
                 stop.wait(0.5)
                 continue
             if res.HasField("task") and res.token:
-                run_task(address, res.token, app)
+                try:
+                    run_task(address, res.token, app)
+                except Exception as ex:  # one task's failure must not stop the node's work
+                    log.warning(
+                        "fedsim node: a ClientApp task failed: %s: %s", type(ex).__name__, ex
+                    )
             elif wake is not None:
                 wake.wait(IDLE_POLL_S)
             else:

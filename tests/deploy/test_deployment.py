@@ -42,6 +42,12 @@ ROUNDS_B = 30
 ROUNDS_E, CUT_S = 6, 8.0  # (the cut outlasts a round's 6 s timeout, not the node's 15 s wait)
 BASE = ["data.num_clients=3", "run.seed=7"]
 FAULTY_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "faulty.py"
+SLOW = [  # node 1 trains 5 s longer in round 2, past the round's 3 s timeout
+    "run.rounds=6",
+    f"run.plugins=['{Path(__file__).resolve().parents[1] / 'plugins' / 'slow.py'}']",
+    "client.behaviour=slow",
+    "deployment.round_timeout_s=3",
+]
 FAULTY = [  # node 0 replies a NaN, node 1 a negative example count, node 2 is honest
     "run.rounds=2",
     f"run.plugins=['{FAULTY_PLUGIN}']",
@@ -167,6 +173,10 @@ def deployed(tmp_path_factory, _ray_session):
             node(f"d-node{k}", k, k, creds.node_key(k), creds.ca, data=parts / f"client-{k}")
         local = [*deploy, "deployment.client_data=local", "coordinator.max_examples=100000"]
         finish("d", run("d", ["run.rounds=2", *local]))
+        # ... and a node whose reply comes after the round timeout (and its message's
+        # time to live): it misses that round, not the rest of the run.
+        finish("d2", run("d2", [*SLOW, *local]))
+        out["d2_node1_log"] = hosts.log("d-node1")
 
         # 5. A client host loses the network for a while (its link down) mid-run.
         run_e = run("e", [f"run.rounds={ROUNDS_E}", *local, "deployment.round_timeout_s=6"])
@@ -312,6 +322,16 @@ def test_nodes_on_their_own_data_folders_give_the_simulations_model(deployed):
     sim = json.loads((deployed["sim"] / "summary.json").read_text())
     assert d["model_sha256"] == sim["model_sha256"]
     assert {r["status"] for r in _rows(deployed["d"])} == {"aggregated"}
+
+
+def test_a_reply_after_the_round_timeout_costs_its_node_that_round_only(deployed):
+    assert deployed["d2_rc"] == 0, deployed["d2_log"][-2000:]
+    status = {(int(r["round"]), int(r["client_id"])): r["status"] for r in _rows(deployed["d2"])}
+    assert status[(1, 1)] == "aggregated" and status[(2, 1)] == "dropped", status
+    # (the late reply was made, and let go at the node without stopping its work)
+    assert "could not be handed to the SuperNode" in deployed["d2_node1_log"]
+    assert status[(6, 1)] == "aggregated", status
+    assert all(status[(r, c)] == "aggregated" for r in range(1, 7) for c in (0, 2)), status
 
 
 def test_a_node_cut_off_the_network_drops_only_its_replies_and_reconnects(deployed):
