@@ -85,6 +85,16 @@ def test_a_workloads_ratios_are_medians_of_each_repetitions_ratio(repo_benchmark
     assert row["floor_over_ideal"] == 1.0 and row["ideal_s"] == 1.0
 
 
+def test_a_steady_round_leaves_out_the_pipelines_fill_and_drain(repo_benchmarks):
+    """fedsim's first round starts on idle workers and its last runs to the end of an
+    evaluation no later round overlaps: neither is a period of the pipeline."""
+    from benchmarks.run import steady_rounds
+
+    assert steady_rounds([0.2, 0.09, 0.08, 0.1, 0.13]) == [0.09, 0.08, 0.1]
+    assert steady_rounds([0.2, 0.09, 0.13]) == [0.09, 0.13]  # (too few to leave out two)
+    assert steady_rounds([0.2]) == [0.2]
+
+
 def test_the_per_client_scripts_run_and_print_their_numbers():
     # (benchmarks/README.md quotes them: they must keep running)
     for args, words in (
