@@ -19,6 +19,7 @@ of the coordinator and SIGTERM of a node stop every process each started.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -42,11 +43,15 @@ ROUNDS_B = 30
 ROUNDS_E, CUT_S = 6, 8.0  # (the cut outlasts a round's 6 s timeout, not the node's 15 s wait)
 BASE = ["data.num_clients=3", "run.seed=7"]
 FAULTY_PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "faulty.py"
-SLOW = [  # node 1 trains 5 s longer in round 2, past the round's 3 s timeout
+SLOW = [  # node 1 trains 12 s longer in round 2, past the phase's 8 s timeout (a round
+    # takes 1-5 s here; with a 3 s timeout, once, all three nodes missed round 1 while
+    # they loaded the scenario, and a 5.4 s round would have dropped a node that was
+    # not slow)
     "run.rounds=6",
     f"run.plugins=['{Path(__file__).resolve().parents[1] / 'plugins' / 'slow.py'}']",
     "client.behaviour=slow",
-    "deployment.round_timeout_s=3",
+    "client.delay_s=12",
+    "deployment.round_timeout_s=8",
 ]
 FAULTY = [  # node 0 replies a NaN, node 1 a negative example count, node 2 is honest
     "run.rounds=2",
@@ -176,7 +181,6 @@ def deployed(tmp_path_factory, _ray_session):
         # ... and a node whose reply comes after the round timeout (and its message's
         # time to live): it misses that round, not the rest of the run.
         finish("d2", run("d2", [*SLOW, *local]))
-        out["d2_node1_log"] = hosts.log("d-node1")
 
         # 5. A client host loses the network for a while (its link down) mid-run.
         run_e = run("e", [f"run.rounds={ROUNDS_E}", *local, "deployment.round_timeout_s=6"])
@@ -218,28 +222,18 @@ def _stacks_if_idle(hosts: Hosts, name: str, run, after_s: float) -> str:
         time.sleep(0.5)
     if run.poll() is not None:
         return ""
-    pids = [p for p in hosts.running("fedsim.deploy.supernode") if p in _group(hosts, name)]
-    for pid in pids:
-        os.kill(pid, signal.SIGUSR1)
+    # (its own SuperNode: the one in the process group of the node started as ``name``)
+    pids = []
+    for pid in hosts.running("fedsim.deploy.supernode"):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == hosts.procs[name].pid:
+                os.kill(pid, signal.SIGUSR1)
+                pids.append(pid)
     time.sleep(2)
     return (
         f"SuperNode {pids} took no message {after_s:.0f} s after the mend:\n"
         + hosts.log(name)[seen:][-6000:]
     )
-
-
-def _group(hosts: Hosts, name: str) -> set[int]:
-    """Pids in the process group of ``name`` (its fedsim node and that node's children)."""
-    pgid = hosts.procs[name].pid
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # (state, ppid, pgrp)
-            found.add(int(stat.parent.name))
-    return found
 
 
 def _port() -> int:
@@ -328,10 +322,11 @@ def test_a_reply_after_the_round_timeout_costs_its_node_that_round_only(deployed
     assert deployed["d2_rc"] == 0, deployed["d2_log"][-2000:]
     status = {(int(r["round"]), int(r["client_id"])): r["status"] for r in _rows(deployed["d2"])}
     assert status[(2, 1)] == "dropped", status
-    # (the late reply was made, and let go at the node without stopping its work)
-    assert "could not be handed to the SuperNode" in deployed["d2_node1_log"]
-    # Round 3's message may expire while node 1 still trains round 2; from round 4 on
-    # it takes part again (before the fix it was lost for the rest of the run).
+    # The late reply is let go by the SuperLink, or by the SuperNode before node 1 has
+    # handed all of it over (a race, about half the time here; before the fix that way
+    # cost the node the rest of the run: tests/deploy/test_executor.py makes it every
+    # time). Round 3's message may expire while node 1 still trains round 2; from round
+    # 4 on it takes part again.
     assert all(status[(r, 1)] == "aggregated" for r in range(4, 7)), status
     assert all(status[(r, c)] == "aggregated" for r in range(2, 7) for c in (0, 2)), status
 
