@@ -100,7 +100,14 @@ def run_task(address: str, token: str, app: ClientApp) -> bool:
             # SuperLink no longer wants it, the SuperNode has let the message go, and
             # the reply's objects have nowhere to go.
             status, details = SubStatus.FAILED, f"the reply could not be handed over: {ex}"
-            log.warning("fedsim node: %s", _reply_lost(message, ex))
+            log.warning(
+                "fedsim node: the reply to a %s message could not be handed to the SuperNode "
+                "(%s: %s); a reply that comes after its instruction's time to live (the "
+                "round timeout) is not wanted any more",
+                reply.metadata.message_type,
+                type(ex).__name__,
+                ex,
+            )
         finally:
             beat.stop()
             try:
@@ -109,15 +116,6 @@ def run_task(address: str, token: str, app: ClientApp) -> bool:
                 log.warning("fedsim node: the task's end could not be reported: %s", ex)
             client.close()
     return status == SubStatus.COMPLETED
-
-
-def _reply_lost(message: Message | None, ex: Exception) -> str:
-    what = "a reply" if message is None else f"the reply to a {message.metadata.message_type}"
-    return (
-        f"{what} message could not be handed to the SuperNode ({type(ex).__name__}: {ex}); "
-        "a reply that comes after its instruction's time to live (the round timeout) is "
-        "not wanted any more"
-    )
 
 
 def serve_tasks(
