@@ -336,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="write all results to this file")
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
-    p.add_argument("--rounds", type=int, help="rounds per run (default 6, cnn 10; quick 3 for all)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per run (default 6; tiny-100of1k and the workloads read against it 12, "
+        "cnn 10; quick 3 for all)",
+    )
     p.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)}")
     p.add_argument("--contenders", default="pure,pure2,fedsim,flower")
     a = p.parse_args(argv)
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(a.contenders.split(","))
     # --rounds, else --quick's 3, else the workload's own, else 6
     rounds = {
-        n: a.rounds or (default_rounds if a.quick else WORKLOADS[n].rounds or default_rounds)
+        n: a.rounds
+        or (default_rounds if a.quick else WORKLOADS[n].default_rounds() or default_rounds)
         for n in names
     }
     contenders = {n: [c for c in WORKLOADS[n].contenders if c in wanted] for n in names}

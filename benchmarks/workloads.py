@@ -8,9 +8,6 @@ from pathlib import Path
 from fedsim.scenario import Scenario, load_scenario
 
 BENCH_TINY = Path(__file__).resolve().parents[1] / "scenarios" / "bench_tiny.toml"
-# tiny-100of1k and the workloads read against it: 10 steady rounds a run (a round takes
-# ~0.1 s), so one slow round moves the median of a run less than with 4.
-TINY_ROUNDS = 12
 
 
 @dataclass(frozen=True)
@@ -20,12 +17,17 @@ class Workload:
     contenders: tuple[str, ...] = ("pure", "pure2", "fedsim", "flower")
     note: str = ""
     extra: dict[str, str] = field(default_factory=dict)
-    rounds: int | None = None  # rounds per run when --rounds is not given (default: 6)
+    # Rounds per run when --rounds is not given (default: ``base``'s, else 6).
+    rounds: int | None = None
     # A workload whose fedsim round time is read as a ratio to ``base``'s: the harness
     # runs the two side by side in every repetition (in alternating order), and the
     # ratio is the median of the per-repetition ratios, so drift in the machine's speed
     # over a long run cannot pass for a cost.
     base: str | None = None
+
+    def default_rounds(self) -> int | None:
+        """Rounds per run when --rounds is not given: its own, else its base's."""
+        return self.rounds or (WORKLOADS[self.base].rounds if self.base else None)
 
     def scenario(self, rounds: int, engine: str = "fedsim") -> Scenario:
         return load_scenario(
@@ -39,7 +41,9 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "tiny-100of1k",
             note="logreg 784-10, 50 ex/client, B=10, E=1; 100 of 1,000",
-            rounds=TINY_ROUNDS,
+            # 10 steady rounds a run (a round takes ~0.1 s), so one slow round moves
+            # the median of a run less than with 4; so for the workloads read against it.
+            rounds=12,
         ),
         Workload(
             "tiny-1kof1k",
@@ -72,7 +76,6 @@ WORKLOADS: dict[str, Workload] = {
             contenders=("fedsim",),
             note="as tiny-100of1k with a population of 1,000,000",
             base="tiny-100of1k",
-            rounds=TINY_ROUNDS,
         ),
         Workload(
             "tiny-dp",
@@ -86,7 +89,6 @@ WORKLOADS: dict[str, Workload] = {
             note="as tiny-100of1k with central DP (clip, equal weights, noise, RDP per "
             "round); the same fixed-size cohorts, so its round time compares with tiny's",
             base="tiny-100of1k",
-            rounds=TINY_ROUNDS,
         ),
         Workload(
             "mlp-dpsgd",
