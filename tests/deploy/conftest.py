@@ -227,6 +227,15 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def wait_for(pred, timeout_s: float, what: str, *, every_s: float = 0.2) -> None:
+    """Until ``pred()`` holds; an AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every_s)
+
+
 def fedsim(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedsim.cli", *args]
 

@@ -34,7 +34,7 @@ from fedsim.deploy.credentials import make_credentials
 from fedsim.runner import execute
 from fedsim.scenario import default_scenario_path, load_scenario
 
-from .conftest import Hosts, fedsim
+from .conftest import Hosts, fedsim, wait_for
 
 NODES = 3
 # Rounds after the host's death must outlast its ~60 s heartbeat lapse and its rejoin:
@@ -59,14 +59,6 @@ FAULTY = [  # node 0 replies a NaN, node 1 a negative example count, node 2 is h
     "client.behaviour=faulty",
     'client.faults={ 0 = "nan", 1 = "negative" }',
 ]
-
-
-def _wait_for(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -129,7 +121,7 @@ def deployed(tmp_path_factory, _ray_session):
         def started(name: str, timeout_s: float = 180) -> Path:
             """The run folder's metrics, once its first round is recorded."""
             metrics = work / f"{name}.incomplete" / "metrics.jsonl"
-            _wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), timeout_s, name)
+            wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), timeout_s, name)
             return metrics
 
         # 1. A clean run, compared with its simulation.
@@ -203,7 +195,7 @@ def deployed(tmp_path_factory, _ray_session):
         out["node0_before"] = hosts.running("client-0")
         hosts.procs["d-node0"].send_signal(signal.SIGTERM)
         out["node0_rc"] = hosts.procs["d-node0"].wait(timeout=60)
-        _wait_for(lambda: not hosts.running("client-0"), 30, "node 0's SuperNode to end")
+        wait_for(lambda: not hosts.running("client-0"), 30, "node 0's SuperNode to end")
         out["node0_after"] = hosts.running("client-0")
     out["leftovers"] = hosts.leftovers()
     out["sim"] = execute(load_scenario(None, [*BASE, "run.rounds=2"]), out=work / "sim").out_dir

@@ -20,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+from .conftest import wait_for
+
 RUN_ID = 7
 NODE_ID = 11
 
@@ -119,15 +121,10 @@ def supernode():
         thread.join(timeout=10)
 
 
-def _wait_finished(state, n: int, timeout_s: float = 30) -> list:
+def _finished(state) -> list:
     from flwr.common.constant import Status
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done = [t for t in state.get_tasks() if t.status.status == Status.FINISHED]
-        if len(done) >= n or time.monotonic() > deadline:
-            return done
-        time.sleep(0.05)
+    return [t for t in state.get_tasks() if t.status.status == Status.FINISHED]
 
 
 def test_a_reply_the_supernode_let_go_ends_its_task_and_the_node_takes_the_next(supernode, caplog):
@@ -156,9 +153,10 @@ def test_a_reply_the_supernode_let_go_ends_its_task_and_the_node_takes_the_next(
     worker.start()
     try:
         wake.set()
-        done = _wait_finished(node.state, 1)
+        wait_for(lambda: _finished(node.state), 30, "the first task to end", every_s=0.05)
+        done = _finished(node.state)
         assert node.let_go == {first}  # (the race went the bad way)
-        assert len(done) == 1, "the first task never ended"
+        assert len(done) == 1
         assert done[0].status.sub_status == SubStatus.FAILED, done[0].status
         assert "could not be handed over" in done[0].status.details
         assert any("could not be handed to the SuperNode" in r.message for r in caplog.records)
@@ -166,9 +164,14 @@ def test_a_reply_the_supernode_let_go_ends_its_task_and_the_node_takes_the_next(
         # died with the ObjectPushError: no task was ever claimed again).
         second = _instruction(node)
         wake.set()
-        done = _wait_finished(node.state, 2)
+        wait_for(
+            lambda: len(_finished(node.state)) == 2,
+            30,
+            "the node to take and end a task after the late reply",
+            every_s=0.05,
+        )
+        done = _finished(node.state)
         assert trained == [first, second]
-        assert len(done) == 2, "the node took no task after the late reply"
         assert sorted(t.status.sub_status for t in done) == [
             SubStatus.COMPLETED,
             SubStatus.FAILED,
