@@ -308,9 +308,12 @@ def resume(target: Path, *, progress: Progress | None = None) -> RunOutcome:
         run_dir.release()
         raise
     try:
-        return _execute(scn, text, prep, engine, run_dir, progress, t_start, snap)
-    finally:
-        engine.__exit__(None, None, None)
+        outcome = _execute(scn, text, prep, engine, run_dir, progress, t_start, snap)
+    except BaseException as exc:  # (the engine keeps what a failed run leaves: its logs)
+        engine.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    engine.__exit__(None, None, None)
+    return outcome
 
 
 def _privacy(

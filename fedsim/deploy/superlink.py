@@ -209,8 +209,15 @@ class SuperLink:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self.process is not None:
             self.process.stop()
-        if exc is None and self.cleanup is not None:
-            self.cleanup()  # (a failed run keeps the SuperLink's log)
+        if self.cleanup is None:
+            return
+        if exc is None:
+            self.cleanup()
+        else:  # a failed or stopped run keeps the SuperLink's log, and says where
+            print(
+                f"fedsim: the SuperLink's log is kept at {self.log_dir / 'superlink.log'}",
+                file=sys.stderr,
+            )
 
 
 def app_pyproject(scenario_json: str, *, name: str = "fedsim-run", runs: str | None = None) -> str:
@@ -346,8 +353,9 @@ class DeployedRun:
 
 def start_superlink(scn: Scenario, timings: dict[str, Any], max_message_bytes: int) -> SuperLink:
     """Start the scenario's SuperLink (entered; the caller exits it), refusing node
-    replies over ``max_message_bytes``. Its log goes to a temporary folder (named in
-    any error), kept only if it fails to start."""
+    replies over ``max_message_bytes``. Its log goes to a temporary folder, removed
+    when the run ends well and otherwise kept and named (in the error of a SuperLink
+    that fails to start, on stderr when the run fails or is stopped)."""
     import shutil
     import tempfile
     import warnings

@@ -14,7 +14,8 @@ others within the round timeout) and takes part again once it comes back; nothin
 test started is left. Nodes on data folders of their own (the partitions, exported)
 give the simulation's model too; a client host cut off the network for longer than a
 round's timeout drops only its own replies and takes part again once it is back; Ctrl-C
-of the coordinator and SIGTERM of a node stop every process each started.
+of the coordinator and SIGTERM of a node stop every process each started (the stopped
+run names the SuperLink's log it keeps).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import contextlib
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -191,6 +194,10 @@ def deployed(tmp_path_factory, _ray_session):
         os.killpg(run_f.pid, signal.SIGINT)
         finish("f", run_f, timeout_s=60)
         out["superlink_after"] = hosts.running("fedsim.deploy.fleet")
+        kept = re.search(r"the SuperLink's log is kept at (\S+)", out["f_log"])
+        out["f_superlink_log"] = kept and Path(kept[1]).is_file()
+        if kept:  # (a stopped run keeps it for its user; this test removes it)
+            shutil.rmtree(Path(kept[1]).parent)
         out["f_incomplete"] = (work / "f.incomplete").is_dir() and not (work / "f").exists()
         out["node0_before"] = hosts.running("client-0")
         hosts.procs["d-node0"].send_signal(signal.SIGTERM)
@@ -341,6 +348,7 @@ def test_ctrl_c_stops_the_run_and_its_superlink(deployed):
     assert deployed["superlink_after"] == []
     assert deployed["f_incomplete"]  # (the folder says the run did not finish)
     assert "fedsim: interrupted" in deployed["f_log"]
+    assert deployed["f_superlink_log"]  # (kept, and named on stderr)
 
 
 def test_sigterm_stops_a_node_and_its_supernode(deployed):
