@@ -195,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedsim.data import load_federation
     from fedsim.data.local import LocalDataError, export_client
+    from fedsim.results import cannot_create
     from fedsim.scenario import load_scenario
 
     try:
@@ -213,6 +214,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.dir.exists():
         print(f"fedsim export: {args.dir}: exists already (nothing was written)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    why = cannot_create(args.dir)
+    if why is not None:
+        print(f"fedsim export: cannot create {args.dir}: {why}", file=sys.stderr)
         return EXIT_BAD_INPUT
     fed = load_federation(scn.data, seed=scn.run.seed)
     tmp = args.dir.with_name(f".{args.dir.name}.partial")
@@ -237,6 +242,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
     from fedsim.deploy.superlink import app_pyproject
     from fedsim.engine.server import reply_limit
+    from fedsim.results import cannot_create
     from fedsim.runner import _calibrate, prepare, resolve_paths
     from fedsim.scenario import load_scenario
 
@@ -248,11 +254,16 @@ def _cmd_app(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    if args.dir.exists() and any(args.dir.iterdir()):
+    if args.dir.is_dir() and any(args.dir.iterdir()):
         print(
             f"fedsim app: {args.dir}: exists and is not empty (nothing was written)",
             file=sys.stderr,
         )
+        return EXIT_BAD_INPUT
+    why = f"{args.dir} is a file, not a folder" if args.dir.is_file() else None
+    why = why or (None if args.dir.is_dir() else cannot_create(args.dir))
+    if why is not None:
+        print(f"fedsim app: cannot create {args.dir}: {why}", file=sys.stderr)
         return EXIT_BAD_INPUT
     flower = ["simulation.engine=deployment", "deployment.superlink=flower"]
     try:
@@ -283,8 +294,13 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def _cmd_credentials(args: argparse.Namespace) -> int:
     from fedsim.deploy.credentials import make_credentials
+    from fedsim.results import cannot_create
 
     hosts = args.hosts or ["127.0.0.1", "localhost"]
+    why = None if args.dir.exists() else cannot_create(args.dir)
+    if why is not None:
+        print(f"fedsim credentials: cannot create {args.dir}: {why}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         creds = make_credentials(args.dir, hosts=hosts, nodes=args.nodes, days=args.days)
     except (FileExistsError, ValueError) as exc:

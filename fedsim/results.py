@@ -72,9 +72,27 @@ def incomplete_dir(out: Path) -> Path:
     return out.with_name(out.name + INCOMPLETE)
 
 
+def cannot_create(path: Path) -> str | None:
+    """Why a folder cannot be made at ``path`` (None if it can): its nearest existing
+    ancestor is a file, or takes no new entry (a probe folder made there, then removed:
+    permissions alone do not tell, e.g. for root on a read-only or virtual file system)."""
+    import tempfile
+
+    here = path.absolute().parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"{here} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedsim-probe-", dir=here))
+    except OSError as exc:
+        return f"no folder can be made in {here} ({exc.strerror})"
+    return None
+
+
 def check_out_dir(out: Path) -> None:
-    """ScenarioError unless ``out`` is absent or an empty folder, and no unfinished run
-    into it is left."""
+    """ScenarioError unless ``out`` is absent or an empty folder, no unfinished run into
+    it is left, and the run's folder can be made there."""
     if out.exists() and not out.is_dir():
         raise ScenarioError([("--out", f"{out} is a file, not a folder")])
     if out.exists() and any(out.iterdir()):
@@ -90,6 +108,9 @@ def check_out_dir(out: Path) -> None:
                 )
             ]
         )
+    why = cannot_create(inc)  # (a run is written into <out>.incomplete, then renamed)
+    if why is not None:
+        raise ScenarioError([("--out", f"cannot create {out}: {why}")])
 
 
 def _fsync_dir(path: Path) -> None:
