@@ -120,6 +120,8 @@ def problems(o: NodeOptions) -> list[str]:
         out.append(f"--poll must be between 0.05 and 60 seconds, got {o.idle_poll_s}")
     if o.partition_id < 0:
         out.append(f"--partition-id must be >= 0, got {o.partition_id}")
+    if o.port is not None and not 1 <= o.port <= 65535:
+        out.append(f"--port must be between 1 and 65535, got {o.port}")
     return out
 
 

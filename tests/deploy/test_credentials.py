@@ -121,12 +121,15 @@ def test_a_node_with_no_ca_or_a_missing_key_exits_2(tmp_path):
         "ca.pem",
         "--key",
         "k",
+        "--port",
+        "70000",
         cwd=tmp_path,
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "fedsim node: --root-certificates: ca.pem does not exist",
         "fedsim node: --key: k does not exist",
+        "fedsim node: --port must be between 1 and 65535, got 70000",
         "fedsim node: --superlink: '127.0.0.1' is not HOST:PORT",
     ]
 
