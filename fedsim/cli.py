@@ -260,8 +260,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    why = f"{args.dir} is a file, not a folder" if args.dir.is_file() else None
-    why = why or (None if args.dir.is_dir() else cannot_create(args.dir))
+    why = cannot_create(args.dir)
     if why is not None:
         print(f"fedsim app: cannot create {args.dir}: {why}", file=sys.stderr)
         return EXIT_BAD_INPUT

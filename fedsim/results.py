@@ -73,14 +73,15 @@ def incomplete_dir(out: Path) -> Path:
 
 
 def cannot_create(path: Path) -> str | None:
-    """Why a folder cannot be made at ``path`` (None if it can): its nearest existing
-    ancestor is a file, or takes no new entry (a probe folder made there, then removed:
-    permissions alone do not tell, e.g. for root on a read-only or virtual file system)."""
+    """Why a folder cannot be made (or filled) at ``path`` (None if it can): ``path``, or
+    its nearest existing ancestor, is a file, or takes no new entry (a probe folder made
+    there, then removed: permissions alone do not tell, e.g. for root on a read-only or
+    virtual file system)."""
     import tempfile
 
-    here = path.absolute().parent
-    while not here.exists() and here != here.parent:
-        here = here.parent
+    here = path
+    while not here.exists() and here != here.absolute().parent:
+        here = here.absolute().parent
     if not here.is_dir():
         return f"{here} is a file, not a folder"
     try:
